@@ -1,0 +1,107 @@
+"""The service's own API: status, defaults, batch and streaming synthesis (a contract users rely on)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import audio
+from ..defaults import Defaults
+from ..service import Stats, SynthesisJob, TTSService
+from .deps import get_service
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class ConfigRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"voice_sample": "my_voice_sample.wav", "language": "es"}})
+    voice_sample: str | None = Field(None, max_length=255, description="Default voice (file name in voices/, extension optional); null clears it")
+    language: str | None = Field(None, max_length=16, description="Default language, e.g. es, en")
+
+
+class TTSRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"text": "Hola mundo.", "voice_sample": "my_voice_sample.mp3", "language": "es"}})
+    text: str = Field(..., description="Text to speak; long text is split into sentences")
+    voice_sample: str | None = Field(None, max_length=255, description="Voice: a clip file name in voices/ (extension optional); default from /api/config")
+    language: str | None = Field(None, max_length=16, description="Language code (es, en, fr, ...); default from /api/config")
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate")
+
+
+def config_view(defaults: Defaults) -> dict:
+    return {"voice_sample": defaults.voice_sample, "language": defaults.language}
+
+
+class AudioStreamResponse(StreamingResponse):
+    """A streaming response that always closes its body and releases its job, so generation stops
+    and the worker is freed when the client leaves, even before the first chunk."""
+
+    def __init__(self, content, job: SynthesisJob, **kwargs):
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            self.job.release()
+            await self.body_iterator.aclose()
+
+
+@router.get("/", summary="Service status and current defaults")
+async def root(service: TTSService = Depends(get_service)) -> dict:
+    return {
+        "status": "online",
+        "message": "TTS service is running",
+        "config": config_view(service.defaults.current),
+        "model": service.state,
+        "ui": "/ui",
+        "docs": "/docs",
+    }
+
+
+@router.post("/api/config", summary="Set the default voice and/or language")
+async def set_config(body: ConfigRequest, service: TTSService = Depends(get_service)) -> dict:
+    clear_voice = "voice_sample" in body.model_fields_set and body.voice_sample is None
+    defaults = await service.set_defaults(body.voice_sample, body.language)
+    if clear_voice:
+        defaults = Defaults(voice_sample=None, language=defaults.language)
+        service.defaults.save(defaults)
+    message = "Defaults updated."
+    if body.voice_sample:
+        message += f" Voice {body.voice_sample!r} is conditioned and cached."
+    return {"status": "ok", "message": message, "config": config_view(defaults)}
+
+
+async def pcm_chunks(service: TTSService, job: SynthesisJob, stats: Stats) -> AsyncIterator[bytes]:
+    async for chunk in service.stream(job, stats):
+        yield audio.to_pcm16(chunk)
+
+
+async def wav_stream(service: TTSService, job: SynthesisJob, stats: Stats) -> AsyncIterator[bytes]:
+    yield audio.wav_header(service.engine.sample_rate)
+    try:
+        async for data in pcm_chunks(service, job, stats):
+            yield data
+    except Exception as exc:  # headers are gone: all we can do is end the stream early
+        log.error("Stream ended early: %s", exc)
+
+
+@router.post("/api/tts/batch", summary="Synthesize the whole text and answer one WAV file",
+             response_class=Response, responses={200: {"content": {"audio/wav": {}}}})
+async def tts_batch(body: TTSRequest, service: TTSService = Depends(get_service)) -> Response:
+    job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
+    stats = Stats()
+    wav = await service.synthesize(job, stats)
+    return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav")
+
+
+@router.post("/api/tts/stream", summary="Stream audio while it is generated (WAV header, then PCM16 chunks)",
+             response_class=StreamingResponse, responses={200: {"content": {"audio/wav": {}}}})
+async def tts_stream(body: TTSRequest, service: TTSService = Depends(get_service)) -> StreamingResponse:
+    job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
+    return AudioStreamResponse(wav_stream(service, job, Stats()), job, media_type="audio/wav")

@@ -1,0 +1,80 @@
+"""The application factory: settings in, a ready FastAPI app out (the model loads in the background)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import native
+from .api.errors import install_error_handlers
+from .config import Settings, get_settings
+from .service import EngineFactory, TTSService
+
+log = logging.getLogger(__name__)
+
+
+def xtts_factory(settings: Settings) -> EngineFactory:
+    def build():
+        from .engine.xtts import XttsEngine
+
+        return XttsEngine(
+            settings.model_dir, settings.device, max_audio_tokens=settings.max_audio_tokens, half=settings.half,
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty, greedy=settings.greedy, seed=settings.seed,
+        )
+
+    return build
+
+
+async def prepare_model(settings: Settings) -> None:
+    """Download the model if it is missing and the license was accepted (in a thread: it can take minutes)."""
+    from .engine.download import ensure_model
+
+    await asyncio.to_thread(ensure_model, settings.model_dir, accept_license=settings.accept_license,
+                            base_url=settings.model_url, allow_download=settings.download)
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None,
+               exit_on_load_failure: bool = False) -> FastAPI:
+    settings = settings or get_settings()
+    service = TTSService(settings, engine_factory or xtts_factory(settings))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+
+        async def start() -> None:
+            try:
+                if engine_factory is None:
+                    await prepare_model(settings)
+                await service.load()
+            except Exception as exc:
+                service.state, service.error = "failed", str(exc)
+                log.error("Model could not be loaded: %s", exc)
+                if exit_on_load_failure:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(start())
+        yield
+        task.cancel()
+
+    app = FastAPI(
+        title="Offline TTS (XTTS-v2 voice cloning)",
+        version=__version__,
+        description="Text to speech in a voice cloned from a 5-15 s clip: batch WAV, streaming, OpenAI-compatible.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(native.router, tags=["tts"])
+    return app

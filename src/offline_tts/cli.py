@@ -1,0 +1,91 @@
+"""The `offline-tts` command: run the service, or write a random-weight checkpoint for tests/benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import Settings
+
+log = logging.getLogger("offline_tts")
+
+
+def setup_logging(level: str = "info", json_logs: bool = False) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    setup_logging(settings.log_level, settings.log_json)
+    from .engine.random_model import missing_model_files
+
+    missing = missing_model_files(settings.model_dir)
+    if missing and not (settings.accept_license and settings.download):
+        from .engine.download import ModelUnavailableError, ensure_model
+
+        try:  # raises with the full explanation (directory, files expected, how to fix)
+            ensure_model(settings.model_dir, accept_license=settings.accept_license, base_url=settings.model_url,
+                         allow_download=settings.download)
+        except ModelUnavailableError as exc:
+            log.error("%s", exc)
+            return 2
+    from .app import create_app
+
+    app = create_app(settings, exit_on_load_failure=True)
+    log.info("Starting the TTS service on http://%s:%d (model dir %s, voices %s)", settings.host, settings.port,
+             settings.model_dir, settings.voices_dir)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None)
+    return 1 if app.state.service.state == "failed" else 0
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    setup_logging()
+    from .engine.random_model import write_random_checkpoint
+
+    path = write_random_checkpoint(Path(args.dir), size=args.size, seed=args.seed)
+    log.info("Random-weight XTTS-v2 checkpoint (%s) written to %s", args.size, path)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    settings = Settings()
+    setup_logging(settings.log_level)
+    from .engine.download import ModelUnavailableError, ensure_model
+
+    target = Path(args.dir) if args.dir else settings.model_dir
+    try:
+        ensure_model(target, accept_license=settings.accept_license or args.accept_license, base_url=settings.model_url)
+    except ModelUnavailableError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="offline-tts", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service (settings from TTS_* variables / .env)")
+    serve.add_argument("--host", help="override TTS_HOST")
+    serve.add_argument("--port", type=int, help="override TTS_PORT")
+    serve.set_defaults(func=cmd_serve)
+    rnd = sub.add_parser("random-model", help="write an XTTS-v2 checkpoint with random weights (tests, benchmarks)")
+    rnd.add_argument("dir", help="output directory")
+    rnd.add_argument("--size", choices=["tiny", "full"], default="tiny", help="tiny: seconds to build; full: the real architecture")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=cmd_random_model)
+    dl = sub.add_parser("download", help="download the official XTTS-v2 files (needs the CPML license accepted)")
+    dl.add_argument("dir", nargs="?", help="target directory (default TTS_MODEL_DIR)")
+    dl.add_argument("--accept-license", action="store_true", help="accept the Coqui Public Model License")
+    dl.set_defaults(func=cmd_download)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

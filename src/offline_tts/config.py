@@ -1,0 +1,83 @@
+"""All service settings in one place: environment variables with the `TTS_` prefix and/or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_URL = "https://huggingface.co/coqui/XTTS-v2/resolve/main"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTS_", env_file=".env", extra="ignore")
+
+    # Paths
+    model_dir: Path = Field(Path("models/xtts_v2"), description="XTTS-v2 files: config.json, model.pth, vocab.json, speakers_xtts.pth")
+    voices_dir: Path = Field(Path("voices"), description="Reference clips (any format ffmpeg reads), one file or folder per voice")
+    cache_dir: Path = Field(Path("cache"), description="Decoded clips, voice conditioning latents and the saved defaults")
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: str = "info"
+    log_json: bool = Field(False, description="One JSON object per log line")
+
+    # Model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    language: str = Field("es", description="Default language when neither the request nor /api/config gives one")
+    accept_license: bool = Field(False, description="Accept the Coqui Public Model License so the model may be downloaded")
+    model_url: str = Field(DEFAULT_MODEL_URL, description="Where the XTTS-v2 files are downloaded from")
+    download: bool = Field(True, description="Download the model when it is missing (needs accept_license)")
+    max_audio_tokens: int | None = Field(None, ge=1, description="Absolute cap of audio tokens generated per sentence")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    half: bool = Field(True, description="Half precision (fp16) for the GPT on CUDA")
+    temperature: float = Field(0.75, gt=0)
+    top_k: int = Field(50, ge=1)
+    top_p: float = Field(0.85, gt=0, le=1)
+    repetition_penalty: float = Field(10.0, gt=0)
+    greedy: bool = Field(False, description="Greedy decoding (deterministic output; for tests)")
+    seed: int | None = Field(None, description="Seed torch's RNG before each sentence (reproducible output)")
+
+    # Streaming
+    stream_first_chunk_tokens: int = Field(8, ge=1, description="Audio tokens in the first streamed chunk (small = early first audio)")
+    stream_chunk_tokens: int = Field(24, ge=1, description="Audio tokens in later streamed chunks")
+    stream_context_tokens: int = Field(12, ge=0, description="Left context decoded with each chunk so seams are inaudible")
+
+    # Capacity
+    workers: int = Field(1, ge=1, description="Model replicas, each with its own lock")
+    max_queue: int = Field(8, ge=0, description="Requests allowed to wait for a worker; beyond it: 503 + Retry-After")
+    voice_cache_size: int = Field(64, ge=1, description="Voices whose conditioning is kept in memory")
+
+    # Limits
+    max_text_chars: int = Field(5000, ge=1, description="Longest text accepted per request")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest JSON request body")
+    max_upload_bytes: int = Field(20_000_000, ge=1024, description="Largest uploaded clip (per file)")
+    max_clip_seconds: float = Field(60.0, gt=0, description="Longest clip accepted at upload")
+    min_clip_seconds: float = Field(2.0, gt=0, description="Shortest usable clip")
+
+    # Security
+    api_key: str | None = Field(None, description="When set, every route but /health needs `Authorization: Bearer <key>`")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none by default)")
+
+    # OpenAI compatibility: OpenAI voice name -> voice of this service (empty = the default voice)
+    openai_voice_map: dict[str, str] = Field(default_factory=dict)
+
+    shutdown_grace_seconds: float = Field(20.0, ge=0, description="How long running streams may finish on SIGTERM")
+
+    @field_validator("language")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.strip().lower()
+
+    @property
+    def defaults_file(self) -> Path:
+        return self.cache_dir / "defaults.json"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

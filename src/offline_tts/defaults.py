@@ -1,0 +1,54 @@
+"""The defaults set with POST /api/config (voice and language), kept across restarts in a JSON file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Defaults:
+    voice_sample: str | None = None
+    language: str = "es"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file, fsync, then rename: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DefaultsStore:
+    def __init__(self, path: Path, language: str):
+        self.path = path
+        self.current = Defaults(language=language)
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            self.current = Defaults(voice_sample=saved.get("voice_sample"), language=saved.get("language") or language)
+            log.info("Defaults restored from %s: %s", path, self.current)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("Ignoring unreadable defaults file %s (%s)", path, exc)
+
+    def save(self, defaults: Defaults) -> None:
+        try:
+            write_json_atomic(self.path, asdict(defaults))
+        except OSError as exc:  # a read-only or full disk must not stop the service
+            log.warning("Could not save defaults to %s (%s); they last until restart", self.path, exc)
+        self.current = defaults

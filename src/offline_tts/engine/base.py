@@ -1,0 +1,62 @@
+"""The engine interface: what the service needs from a speech model, and nothing about HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A voice's "DNA" for one model: opaque to everything but the engine that made it."""
+
+    model_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a sentence is cut into streamed chunks (in audio tokens)."""
+
+    first_chunk_tokens: int = 8
+    chunk_tokens: int = 24
+    context_tokens: int = 12
+
+
+class SpeechEngine(Protocol):
+    model_id: str
+    device: str
+    sample_rate: int  # of the audio produced
+    conditioning_sample_rate: int  # of the clips given to compute_conditioning
+    languages: tuple[str, ...]
+
+    def char_limit(self, language: str) -> int: ...
+
+    def compute_conditioning(self, clips: list[np.ndarray]) -> Conditioning: ...
+
+    def save_conditioning(self, conditioning: Conditioning, path: Path) -> None: ...
+
+    def load_conditioning(self, path: Path) -> Conditioning: ...
+
+    def stream(
+        self,
+        text: str,
+        language: str,
+        conditioning: Conditioning,
+        *,
+        speed: float = 1.0,
+        plan: StreamPlan | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Speak one sentence, yielding float32 mono chunks as they are generated."""
+        ...
+
+    def synthesize(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
+                   cancel: threading.Event | None = None) -> np.ndarray:
+        """Speak one sentence and return its whole audio."""
+        ...

@@ -1,0 +1,108 @@
+"""A pool of model replicas (workers) with a bounded waiting line.
+
+Each replica serves one sentence at a time. Requests are admitted while fewer than
+`workers + max_queue` are in the house; beyond that they are refused at once (the HTTP layer answers
+503 + Retry-After) instead of piling up. Workers are handed out first come, first served, per
+sentence, so concurrent streams interleave instead of waiting for whole texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Generic, TypeVar
+
+from ..errors import Busy
+
+E = TypeVar("E")
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class EnginePool(Generic[E]):
+    def __init__(self, engines: list[E], max_queue: int):
+        if not engines:
+            raise ValueError("an engine pool needs at least one engine")
+        self.engines = engines
+        self.max_queue = max_queue
+        self._idle: asyncio.Queue[E] = asyncio.Queue()
+        for engine in engines:
+            self._idle.put_nowait(engine)
+        self.admitted = 0  # requests in the house (running or waiting)
+
+    @property
+    def size(self) -> int:
+        return len(self.engines)
+
+    @property
+    def busy(self) -> int:
+        return self.size - self._idle.qsize()
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.admitted - self.busy)
+
+    def admit(self) -> None:
+        """Take a place for one request (give it back with `release`), or raise Busy when the line is full."""
+        if self.admitted >= self.size + self.max_queue:
+            raise Busy(
+                f"The server is busy ({self.admitted} requests running or queued).",
+                "Retry in a few seconds, or raise TTS_WORKERS / TTS_MAX_QUEUE.",
+                headers={"Retry-After": "2"},
+            )
+        self.admitted += 1
+
+    def release(self) -> None:
+        self.admitted -= 1
+
+    @contextlib.asynccontextmanager
+    async def worker(self) -> AsyncIterator[E]:
+        engine = await self._idle.get()
+        try:
+            yield engine
+        finally:
+            self._idle.put_nowait(engine)
+
+    async def run(self, fn: Callable[[E], T]) -> T:
+        """Run `fn(engine)` on a free worker, in a thread (off the event loop)."""
+        async with self.worker() as engine:
+            return await asyncio.to_thread(fn, engine)
+
+    async def iterate(self, fn: Callable[[E], Iterator[T]]) -> AsyncIterator[T]:
+        """Run the generator `fn(engine)` in a thread on a free worker, yielding its items as they come.
+
+        The worker is held until the generator is exhausted or this iterator is closed; the thread
+        stops at its next item once the consumer is gone (callers pass a cancel event to stop sooner).
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = False
+
+        def produce(engine: E) -> None:
+            try:
+                with contextlib.closing(fn(engine)) as items:
+                    for item in items:
+                        loop.call_soon_threadsafe(queue.put_nowait, item)
+                        if stop:
+                            break
+            except BaseException as exc:  # forwarded to the consumer, which re-raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        async with self.worker() as engine:
+            task = asyncio.ensure_future(asyncio.to_thread(produce, engine))
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                stop = True
+                # The worker must not be handed to anyone else while the thread still uses it.
+                await asyncio.shield(task)

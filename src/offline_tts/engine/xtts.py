@@ -1,0 +1,230 @@
+"""XTTS-v2 engine: loading, voice conditioning and sentence synthesis with coqui-tts.
+
+One `XttsEngine` wraps one model replica. The XTTS model keeps per-call state
+(`gpt_inference.cached_prefix_emb`), so every public method holds the replica's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidText
+from .base import Conditioning, StreamPlan
+from .random_model import REQUIRED_FILES
+from .streaming import ChunkDecoder
+
+log = logging.getLogger(__name__)
+
+# Audio tokens allowed per character of text before a sentence is cut off as runaway ("babbling").
+# Real speech needs ~1.5 tokens/char (21.5 tokens per second of audio); 3 leaves room for slow voices.
+TOKENS_PER_CHAR = 3.0
+MIN_TOKENS = 40
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TTS_DEVICE=cuda but no CUDA GPU is visible (check the NVIDIA driver / container toolkit)")
+    return requested
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identify a checkpoint cheaply: config + vocab bytes, and the weights' size and first/last MiB."""
+    h = hashlib.sha256()
+    for name in ("config.json", "vocab.json"):
+        h.update((model_dir / name).read_bytes())
+    weights = model_dir / "model.pth"
+    size = weights.stat().st_size
+    h.update(str(size).encode())
+    with weights.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+class XttsEngine:
+    conditioning_sample_rate = 22_050
+
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str = "auto",
+        *,
+        max_audio_tokens: int | None = None,
+        half: bool = True,
+        temperature: float = 0.75,
+        top_k: int = 50,
+        top_p: float = 0.85,
+        repetition_penalty: float = 10.0,
+        greedy: bool = False,
+        seed: int | None = None,
+    ):
+        from TTS.tts.configs.xtts_config import XttsConfig
+        from TTS.tts.models.xtts import Xtts
+
+        missing = [f for f in REQUIRED_FILES if not (model_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"XTTS-v2 model files missing in {model_dir}: {', '.join(missing)}")
+        self.device = pick_device(device)
+        started = time.perf_counter()
+        config = XttsConfig()
+        config.load_json(str(model_dir / "config.json"))
+        model = Xtts.init_from_config(config)
+        model.load_checkpoint(config, checkpoint_dir=str(model_dir), use_deepspeed=False, eval=True)
+        model.to(self.device)
+        model.eval()
+        self.model = model
+        self.config = config
+        self.model_id = model_fingerprint(model_dir)
+        self.sample_rate = int(config.model_args.output_sample_rate)
+        self.languages = tuple(config.languages)
+        args = config.model_args
+        self.model_max_tokens = int(model.gpt.max_gen_mel_tokens)
+        self.max_audio_tokens = max_audio_tokens
+        self.half = half and self.device == "cuda"
+        # coqui's streaming generator always samples (multinomial): greedy decoding is top_k=1.
+        self.sampling = dict(temperature=temperature, top_k=1 if greedy else top_k, top_p=top_p,
+                             repetition_penalty=float(repetition_penalty), do_sample=True)
+        self.seed = seed
+        self._lock = threading.Lock()
+        self.load_seconds = time.perf_counter() - started
+        log.info("XTTS-v2 loaded from %s on %s in %.1f s (model id %s)", model_dir, self.device, self.load_seconds, self.model_id)
+
+    # -- text -------------------------------------------------------------------------------------
+    def char_limit(self, language: str) -> int:
+        return self.model.tokenizer.char_limits.get(language.split("-")[0], 250)
+
+    def token_cap(self, text: str) -> int:
+        """Most audio tokens one sentence may generate: proportional to its length, never over the model's limit."""
+        cap = min(self.model_max_tokens, max(MIN_TOKENS, int(len(text) * TOKENS_PER_CHAR)))
+        if self.max_audio_tokens:
+            cap = min(cap, self.max_audio_tokens)
+        return cap
+
+    # -- voices -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def compute_conditioning(self, clips: list[np.ndarray]) -> Conditioning:
+        sr = self.conditioning_sample_rate
+        cfg = self.config
+        max_len = int(sr * cfg.max_ref_len)
+        with self._lock:
+            audios, embeddings = [], []
+            for clip in clips:
+                audio = torch.from_numpy(np.ascontiguousarray(clip[:max_len], dtype=np.float32))[None].to(self.device)
+                if cfg.sound_norm_refs:
+                    audio = audio / audio.abs().max() * 0.75
+                embeddings.append(self.model.get_speaker_embedding(audio, sr))
+                audios.append(audio)
+            gpt_latent = self.model.get_gpt_cond_latents(
+                torch.cat(audios, dim=-1), sr, length=cfg.gpt_cond_len, chunk_length=cfg.gpt_cond_chunk_len
+            )
+            speaker = torch.stack(embeddings).mean(dim=0)
+        return Conditioning(self.model_id, {"gpt_cond_latent": gpt_latent.cpu(), "speaker_embedding": speaker.cpu()})
+
+    def save_conditioning(self, conditioning: Conditioning, path: Path) -> None:
+        torch.save({"model_id": conditioning.model_id, **conditioning.data}, path)
+
+    def load_conditioning(self, path: Path) -> Conditioning:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        model_id = data.pop("model_id")
+        if model_id != self.model_id or set(data) != {"gpt_cond_latent", "speaker_embedding"}:
+            raise ValueError(f"{path.name}: conditioning of another model or incomplete")
+        return Conditioning(model_id, data)
+
+    # -- synthesis --------------------------------------------------------------------------------
+    def _latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
+        """GPT audio latents of one sentence, one frame at a time (caller holds the lock)."""
+        lang = language.split("-")[0]
+        ids = self.model.tokenizer.encode(text.strip().lower(), lang=lang)
+        if len(ids) >= self.model.args.gpt_max_text_tokens:
+            raise InvalidText(f"A sentence is too long for the model ({len(ids)} tokens).",
+                              "Split the text into shorter sentences.")
+        tokens = torch.IntTensor(ids).unsqueeze(0).to(self.device)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else contextlib.nullcontext()
+        with autocast:
+            fake_inputs = self.model.gpt.compute_embeddings(conditioning.data["gpt_cond_latent"].to(self.device), tokens)
+            generator = self.model.gpt.get_generator(
+                fake_inputs=fake_inputs, num_beams=1, num_return_sequences=1, length_penalty=1.0,
+                output_attentions=False, output_hidden_states=True, return_dict_in_generate=True, **self.sampling,
+            )
+            cap = self.token_cap(text)
+            try:
+                for count, (_token, latent) in enumerate(generator, start=1):
+                    yield latent.float()
+                    if count >= cap:
+                        log.debug("sentence cut at %d audio tokens (cap)", cap)
+                        break
+                    if cancel is not None and cancel.is_set():
+                        break
+            finally:
+                generator.close()
+
+    def _decoder(self, conditioning: Conditioning, speed: float):
+        """Split XTTS's HiFi-GAN decoder in two: latents -> interpolated grid, and grid slice -> audio."""
+        speaker = conditioning.data["speaker_embedding"].to(self.device)
+        hifigan = self.model.hifigan_decoder
+        length_scale = 1.0 / max(speed, 0.05)
+        scales = [hifigan.ar_mel_length_compression / hifigan.output_hop_length]
+        if hifigan.output_sample_rate != hifigan.input_sample_rate:
+            scales.append(hifigan.output_sample_rate / hifigan.input_sample_rate)
+
+        def to_grid(latents: torch.Tensor) -> torch.Tensor:  # [1, T, C] -> [1, C, N], as HifiDecoder.forward
+            z = latents.transpose(1, 2)
+            if length_scale != 1.0:
+                z = F.interpolate(z, scale_factor=length_scale, mode="linear")
+            for scale in scales:
+                z = F.interpolate(z, scale_factor=scale, mode="linear")
+            return z
+
+        def vocode(grid: torch.Tensor) -> np.ndarray:
+            return hifigan.waveform_decoder(grid, g=speaker).squeeze().float().cpu().numpy()
+
+        columns_per_frame = length_scale
+        for scale in scales:
+            columns_per_frame *= scale
+        return to_grid, vocode, columns_per_frame, hifigan.output_hop_length
+
+    @torch.inference_mode()
+    def stream(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
+               plan: StreamPlan | None = None, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
+        plan = plan or StreamPlan()
+        to_grid, vocode, columns_per_frame, hop = self._decoder(conditioning, speed)
+        decoder = ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=plan.context_tokens)
+        with self._lock:
+            next_flush = plan.first_chunk_tokens
+            for latent in self._latents(text, language, conditioning, cancel):
+                decoder.add(latent)
+                if decoder.frames >= next_flush:
+                    next_flush += plan.chunk_tokens
+                    chunk = decoder.flush()
+                    if len(chunk):
+                        yield chunk
+            if cancel is not None and cancel.is_set():
+                return
+            chunk = decoder.flush(final=True)
+            if len(chunk):
+                yield chunk
+
+    @torch.inference_mode()
+    def synthesize(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
+                   cancel: threading.Event | None = None) -> np.ndarray:
+        to_grid, vocode, _, _ = self._decoder(conditioning, speed)
+        with self._lock:
+            latents = list(self._latents(text, language, conditioning, cancel))
+            if not latents:
+                return np.zeros(0, dtype=np.float32)
+            return vocode(to_grid(torch.stack([latent.reshape(-1) for latent in latents])[None]))

@@ -1,0 +1,243 @@
+"""The synthesis service: turns a request (text, voice, language) into audio using the engine pool.
+
+It owns the model lifecycle (download, load, warm-up), validation of text/voice/language, the voice
+cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import text as text_utils
+from .config import Settings
+from .defaults import Defaults, DefaultsStore
+from .engine.base import Conditioning, SpeechEngine, StreamPlan
+from .engine.pool import EnginePool
+from .errors import InvalidText, ModelNotReady, NoVoice, SynthesisFailed, TextTooLong, TTSError, UnsupportedLanguage
+from .voice_cache import VoiceCache
+from .voices import Voice, VoiceStore
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], SpeechEngine]
+
+
+@dataclass
+class SynthesisJob:
+    sentences: list[str]
+    language: str
+    voice: Voice
+    conditioning: Conditioning
+    speed: float = 1.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    on_release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Give the request's place in the pool back (idempotent)."""
+        self.cancel.set()
+        callback, self.on_release = self.on_release, None
+        if callback is not None:
+            callback()
+
+
+@dataclass
+class Stats:
+    """Per-request figures for logs and metrics."""
+
+    first_audio_s: float | None = None
+    audio_samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class TTSService:
+    def __init__(self, settings: Settings, engine_factory: EngineFactory):
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.voices = VoiceStore(settings.voices_dir)
+        self.cache = VoiceCache(settings.cache_dir, settings.voice_cache_size, settings.min_clip_seconds)
+        self.defaults = DefaultsStore(settings.defaults_file, settings.language)
+        self.pool: EnginePool[SpeechEngine] | None = None
+        self.state = "starting"  # starting -> loading -> ready | failed
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.plan = StreamPlan(settings.stream_first_chunk_tokens, settings.stream_chunk_tokens, settings.stream_context_tokens)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Load one replica per worker (in threads, off the event loop) and warm them up."""
+        self.state = "loading"
+        started = time.perf_counter()
+        try:
+            engines = []
+            for i in range(self.settings.workers):
+                log.info("Loading model replica %d/%d from %s", i + 1, self.settings.workers, self.settings.model_dir)
+                engines.append(await asyncio.to_thread(self.engine_factory))
+            self.pool = EnginePool(engines, self.settings.max_queue)
+            await self._warm_up()
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        self.load_seconds = time.perf_counter() - started
+        self.state = "ready"
+        log.info("Model ready: %d worker(s) on %s, languages %s (%.1f s)", len(engines), engines[0].device,
+                 ",".join(engines[0].languages), self.load_seconds)
+        if self.defaults.current.voice_sample:
+            try:  # so the first request after a restart does not pay for conditioning
+                await self.conditioning(self.voices.resolve(self.defaults.current.voice_sample))
+            except TTSError as exc:
+                log.warning("Default voice %r is not usable: %s", self.defaults.current.voice_sample, exc.message)
+
+    async def _warm_up(self) -> None:
+        """One tiny generation per replica so the first real request does not pay for lazy init."""
+        noise = (np.random.default_rng(0).standard_normal(22_050 * 3) * 0.1).astype(np.float32)
+
+        def warm(engine: SpeechEngine) -> None:
+            cond = engine.compute_conditioning([noise])
+            for _ in engine.stream("ok.", engine.languages[0], cond, plan=StreamPlan(2, 2, 2),
+                                   cancel=None):
+                break
+
+        for engine in self.pool.engines:
+            await asyncio.to_thread(warm, engine)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def require_pool(self) -> EnginePool[SpeechEngine]:
+        if self.pool is None or not self.ready:
+            detail = f" ({self.error})" if self.error else ""
+            raise ModelNotReady(f"The model is not loaded yet: {self.state}{detail}.",
+                                "Wait until GET /ready answers 200, then retry; check the server log.",
+                                headers={"Retry-After": "5"})
+        return self.pool
+
+    @property
+    def engine(self) -> SpeechEngine:
+        return self.require_pool().engines[0]
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return self.engine.languages
+
+    # -- validation -------------------------------------------------------------------------------
+    def check_text(self, text: str | None) -> str:
+        text = text_utils.normalize(text or "")
+        if not text:
+            raise InvalidText("The text is empty.", "Send some text to speak in the 'text' field.")
+        if len(text) > self.settings.max_text_chars:
+            raise TextTooLong(f"The text has {len(text)} characters; the limit is {self.settings.max_text_chars}.",
+                              "Split it into several requests, or raise TTS_MAX_TEXT_CHARS.")
+        return text
+
+    def check_language(self, language: str | None) -> str:
+        lang = (language or self.defaults.current.language or self.settings.language).strip().lower()
+        supported = self.languages
+        if lang in supported:
+            return lang
+        if lang.split("-")[0] in supported:  # "es-ES" -> "es"
+            return lang.split("-")[0]
+        raise UnsupportedLanguage(f"Unsupported language {lang!r}.", f"Supported languages: {', '.join(supported)}.")
+
+    def resolve_voice(self, name: str | None) -> Voice:
+        name = name or self.defaults.current.voice_sample
+        if not name:
+            available = ", ".join(self.voices.names()) or "none yet"
+            raise NoVoice("No voice given and no default voice set.",
+                          f"Pass 'voice_sample' (available: {available}) or set a default with POST /api/config.")
+        return self.voices.resolve(name)
+
+    async def conditioning(self, voice: Voice) -> Conditioning:
+        pool = self.require_pool()
+        return await self.cache.get(voice, pool.engines[0], pool.run)
+
+    async def prepare(self, text: str | None, voice: str | None, language: str | None, speed: float = 1.0) -> SynthesisJob:
+        """Validate a request and get its voice conditioning: everything that can fail before audio starts."""
+        pool = self.require_pool()
+        text = self.check_text(text)
+        lang = self.check_language(language)
+        resolved = self.resolve_voice(voice)
+        sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
+        pool.admit()  # raises Busy (503) when the line is full
+        try:
+            conditioning = await self.conditioning(resolved)
+        except BaseException:
+            pool.release()
+            raise
+        return SynthesisJob(sentences, lang, resolved, conditioning, speed, on_release=pool.release)
+
+    # -- synthesis --------------------------------------------------------------------------------
+    async def stream(self, job: SynthesisJob, stats: Stats | None = None) -> AsyncIterator[np.ndarray]:
+        """Audio chunks (float32, engine sample rate) as they are generated, sentence after sentence."""
+        pool = self.require_pool()
+        try:
+            for sentence in job.sentences:
+                def run(engine: SpeechEngine, sentence: str = sentence):
+                    return engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
+                                         plan=self.plan, cancel=job.cancel)
+
+                async for chunk in pool.iterate(run):
+                    if stats is not None:
+                        if stats.first_audio_s is None:
+                            stats.first_audio_s = time.perf_counter() - stats.started
+                        stats.audio_samples += len(chunk)
+                    yield chunk
+                if job.cancel.is_set():
+                    return
+        except TTSError:
+            raise
+        except Exception as exc:  # a fault in the model fails this request only
+            log.exception("Synthesis failed")
+            raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
+                                  "Retry; if it keeps failing, check the server log.") from exc
+        finally:
+            job.release()  # also stops the worker thread at its next chunk if the client went away
+
+    async def synthesize(self, job: SynthesisJob, stats: Stats | None = None) -> np.ndarray:
+        pool = self.require_pool()
+        parts = []
+        try:
+            for sentence in job.sentences:
+                audio = await pool.run(lambda engine, s=sentence: engine.synthesize(s, job.language, job.conditioning,
+                                                                                   speed=job.speed, cancel=job.cancel))
+                parts.append(audio)
+        except TTSError:
+            raise
+        except Exception as exc:
+            log.exception("Synthesis failed")
+            raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
+                                  "Retry; if it keeps failing, check the server log.") from exc
+        finally:
+            job.release()
+        result = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        if stats is not None:
+            stats.first_audio_s = time.perf_counter() - stats.started
+            stats.audio_samples = len(result)
+        return result
+
+    # -- defaults ---------------------------------------------------------------------------------
+    async def set_defaults(self, voice: str | None, language: str | None) -> Defaults:
+        """Validate and store new defaults; a voice is conditioned right away (and refused if broken)."""
+        current = self.defaults.current
+        new = Defaults(voice_sample=current.voice_sample, language=current.language)
+        if language is not None:
+            new.language = self.check_language(language)
+        if voice is not None:
+            resolved = self.voices.resolve(voice)
+            await self.conditioning(resolved)
+            new.voice_sample = voice.strip()
+        self.defaults.save(new)
+        return new
+
+    def clear_default_voice_if(self, voice: Voice) -> None:
+        name = self.defaults.current.voice_sample
+        if name and (Path(name).stem == voice.name or name == voice.name):
+            self.defaults.save(Defaults(voice_sample=None, language=self.defaults.current.language))

@@ -1,0 +1,196 @@
+"""The voice cache: each voice's conditioning ("DNA") computed once, kept in memory and on disk.
+
+Keys are the hash of the clips' bytes plus the model id, so a replaced file is never served stale
+latents and a restart reuses what was computed. Decoded clips are kept too (per file content), so a
+compressed clip is decoded once. Disk entries are written atomically; a corrupt one is discarded and
+recomputed; a read-only or full cache directory only costs speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import audio
+from .engine.base import Conditioning, SpeechEngine
+from .voices import Voice
+
+log = logging.getLogger(__name__)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class VoiceCache:
+    def __init__(self, cache_dir: Path, capacity: int, min_clip_seconds: float):
+        self.dir = cache_dir
+        self.capacity = capacity
+        self.min_clip_seconds = min_clip_seconds
+        self._memory: OrderedDict[str, Conditioning] = OrderedDict()
+        self._inflight: dict[str, asyncio.Lock] = {}
+        self.hits = 0
+        self.misses = 0
+        self.disk_hits = 0
+        self._model_ids: set[str] = set()
+
+    # -- keys -------------------------------------------------------------------------------------
+    @staticmethod
+    def clip_digests(voice: Voice) -> list[str]:
+        return [file_digest(p) for p in voice.files]
+
+    @staticmethod
+    def key(digests: list[str], model_id: str) -> str:
+        return hashlib.sha256(("|".join(digests) + "|" + model_id).encode()).hexdigest()[:32]
+
+    def _latents_path(self, key: str, model_id: str) -> Path:
+        return self.dir / "latents" / model_id / f"{key}.pt"
+
+    def is_cached(self, voice: Voice, model_id: str) -> bool:
+        try:
+            key = self.key(self.clip_digests(voice), model_id)
+        except OSError:
+            return False
+        return key in self._memory or self._latents_path(key, model_id).is_file()
+
+    # -- lookup -----------------------------------------------------------------------------------
+    async def get(
+        self,
+        voice: Voice,
+        engine: SpeechEngine,
+        compute: Callable[[Callable[[SpeechEngine], Conditioning]], Awaitable[Conditioning]],
+    ) -> Conditioning:
+        """The voice's conditioning for `engine`'s model; `compute` runs a function on a free worker."""
+        digests = await asyncio.to_thread(self.clip_digests, voice)
+        key = self.key(digests, engine.model_id)
+        self._model_ids.add(engine.model_id)
+        if (hit := self._memory_get(key)) is not None:
+            self.hits += 1
+            return hit
+        lock = self._inflight.setdefault(key, asyncio.Lock())
+        async with lock:  # one computation per voice, however many requests ask at once
+            try:
+                if (hit := self._memory_get(key)) is not None:
+                    self.hits += 1
+                    return hit
+                path = self._latents_path(key, engine.model_id)
+                conditioning = await asyncio.to_thread(self._load, engine, path)
+                if conditioning is not None:
+                    self.hits += 1
+                    self.disk_hits += 1
+                else:
+                    self.misses += 1
+                    clips = await asyncio.to_thread(self._decoded_clips, voice, digests, engine.conditioning_sample_rate)
+                    conditioning = await compute(lambda e: e.compute_conditioning(clips))
+                    await asyncio.to_thread(self._store, engine, conditioning, path)
+                    log.info("Voice %r conditioned and cached (%d clip(s))", voice.name, len(clips))
+                self._memory_put(key, conditioning)
+                return conditioning
+            finally:
+                self._inflight.pop(key, None)
+
+    def forget(self, voice: Voice) -> None:
+        """Drop a voice's cached conditioning (memory and disk), e.g. when it is deleted."""
+        try:
+            digests = self.clip_digests(voice)
+        except OSError:
+            return
+        latents = self.dir / "latents"
+        model_ids = set(self._model_ids)
+        if latents.is_dir():
+            model_ids.update(d.name for d in latents.iterdir())
+        for model_id in model_ids:
+            key = self.key(digests, model_id)
+            self._memory.pop(key, None)
+            try:
+                self._latents_path(key, model_id).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("Could not remove cached conditioning %s (%s)", key, exc)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _memory_get(self, key: str) -> Conditioning | None:
+        value = self._memory.get(key)
+        if value is not None:
+            self._memory.move_to_end(key)
+        return value
+
+    def _memory_put(self, key: str, value: Conditioning) -> None:
+        self._memory[key] = value
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.capacity:
+            self._memory.popitem(last=False)
+
+    def _load(self, engine: SpeechEngine, path: Path) -> Conditioning | None:
+        if not path.is_file():
+            return None
+        try:
+            return engine.load_conditioning(path)
+        except Exception as exc:  # truncated, corrupt or foreign file: recompute
+            log.warning("Discarding unreadable cache entry %s (%s)", path, exc)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+
+    def _store(self, engine: SpeechEngine, conditioning: Conditioning, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+            os.close(fd)
+            try:
+                engine.save_conditioning(conditioning, Path(tmp))
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("Voice cache not written to %s (%s); the voice stays cached in memory", path, exc)
+
+    def _decoded_clips(self, voice: Voice, digests: list[str], sample_rate: int) -> list[np.ndarray]:
+        clips = []
+        for path, digest in zip(voice.files, digests, strict=True):
+            cached = self.dir / "clips" / f"{digest}-{sample_rate}.npy"
+            clip = self._load_decoded(cached)
+            if clip is None:
+                audio.probe(path)  # clear errors: not audio, no audio track, impossible format
+                clip = audio.decode(path, sample_rate)
+                audio.check_clip(clip, sample_rate, path.name, self.min_clip_seconds)
+                self._save_decoded(cached, clip)
+            clips.append(clip)
+        return clips
+
+    @staticmethod
+    def _load_decoded(path: Path) -> np.ndarray | None:
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("Discarding unreadable decoded clip %s (%s)", path, exc)
+            path.unlink(missing_ok=True)
+            return None
+
+    @staticmethod
+    def _save_decoded(path: Path, clip: np.ndarray) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, clip, allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("Decoded clip not cached at %s (%s)", path, exc)

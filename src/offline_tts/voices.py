@@ -1,0 +1,122 @@
+"""The voice store: reference clips in the voices directory, found by safe name resolution.
+
+A voice is either one clip (`voices/ana.mp3`, voice name `ana`) or a folder of clips of one speaker
+(`voices/ana/*.wav`). Names come from users, so nothing reaches the filesystem before it has been
+checked: no separators, no `..`, no hidden files, and the resolved path must stay inside the directory
+(a symlink pointing out is refused).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidVoiceName, VoiceNotFound
+
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .wave .mp3 .ogg .oga .opus .flac .m4a .mp4 .aac .webm .wma .aiff .aif .mka .mkv .mov .3gp .amr .wv .caf .ac3 .mpga".split()
+)
+UPLOAD_NAME_RULE = "1-64 characters: letters, digits, '_' and '-', starting with a letter or digit"
+_UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    files: tuple[Path, ...]  # absolute, inside the voices directory
+    is_folder: bool = False
+
+
+class VoiceStore:
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def real_root(self) -> Path:
+        return self.root.resolve()
+
+    # -- listing ----------------------------------------------------------------------------------
+    def _inside(self, path: Path) -> bool:
+        try:
+            return path.resolve().is_relative_to(self.real_root)
+        except (OSError, RuntimeError):  # dangling or looping symlinks
+            return False
+
+    def _clips_in(self, folder: Path) -> tuple[Path, ...]:
+        return tuple(
+            p for p in sorted(folder.iterdir())
+            if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file() and self._inside(p)
+        )
+
+    def list(self) -> list[Voice]:
+        voices: list[Voice] = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(".") or not self._inside(entry):
+                continue
+            if entry.is_dir():
+                clips = self._clips_in(entry)
+                if clips:
+                    voices.append(Voice(entry.name, clips, is_folder=True))
+            elif entry.is_file() and entry.suffix.lower() in AUDIO_EXTENSIONS:
+                voices.append(Voice(entry.stem, (entry.resolve(),)))
+        return voices
+
+    def names(self) -> list[str]:
+        return [v.name for v in self.list()]
+
+    # -- resolution -------------------------------------------------------------------------------
+    def check_name(self, name: str) -> str:
+        """Refuse names that could leave the voices directory or are not plain file names."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidVoiceName("The voice name is empty.", "Give the file name of a clip in the voices directory.")
+        name = name.strip()
+        bad = (
+            len(name) > 255
+            or any(unicodedata.category(c)[0] == "C" for c in name)  # NUL and other control characters
+            or "/" in name or "\\" in name
+            or name.startswith(".")
+            or ".." in name
+            or Path(name).is_absolute()
+        )
+        if bad:
+            raise InvalidVoiceName(
+                f"Invalid voice name {name[:80]!r}: it must be a plain file or folder name inside the voices directory.",
+                "Use a name from GET /api/voices, e.g. 'my_voice_sample.mp3' or 'my_voice_sample'.",
+            )
+        return name
+
+    def resolve(self, name: str) -> Voice:
+        name = self.check_name(name)
+        direct = self.root / name
+        if direct.exists() or direct.is_symlink():
+            if not self._inside(direct):
+                raise InvalidVoiceName(f"Voice {name!r} points outside the voices directory.",
+                                       "Copy the clip into the voices directory instead of linking to it.")
+            if direct.is_dir():
+                clips = self._clips_in(direct)
+                if not clips:
+                    raise VoiceNotFound(f"Voice folder {name!r} holds no audio clips.", "Put one or more clips of the speaker in it.")
+                return Voice(name, clips, is_folder=True)
+            return Voice(Path(name).stem, (direct.resolve(),))
+        # "ana" finds ana.wav; "ana.mp3" also finds ana.wav when it is the only clip of that name.
+        stem = Path(name).stem if Path(name).suffix.lower() in AUDIO_EXTENSIONS else name
+        matches = [v for v in self.list() if v.name == stem]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            files = ", ".join(f.name for v in matches for f in v.files)
+            raise VoiceNotFound(f"Voice name {name!r} is ambiguous: {files}.", "Give the full file name, with its extension.")
+        available = self.names()
+        raise VoiceNotFound(
+            f"Unknown voice {name!r}. Available voices: {', '.join(available) if available else 'none'}.",
+            f"Put a 5-15 s clip named {name!r} in the voices directory ({self.root}) or upload one with POST /api/voices.",
+        )
+
+    @staticmethod
+    def check_upload_name(name: str) -> str:
+        if not isinstance(name, str) or not _UPLOAD_NAME.fullmatch(name):
+            raise InvalidVoiceName(f"Invalid voice name {str(name)[:80]!r}.", f"A voice name is {UPLOAD_NAME_RULE}.", param="name")
+        return name

@@ -1,0 +1,127 @@
+"""Test helpers: make audio with ffmpeg, run the real server as a subprocess, talk to it over HTTP."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def make_clip(path: Path, seconds: float = 6.0, freq: int = 180, rate: int = 44100, channels: int = 2,
+              extra: list[str] | None = None) -> Path:
+    """A voice-like test clip (a buzzy tone with vibrato + a little noise) in the format of `path`'s suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    src = (f"aevalsrc='0.3*sin(2*PI*{freq}*t+3*sin(2*PI*5*t))*(0.6+0.4*sin(2*PI*3*t))"
+           f"+0.02*(random(0)-0.5)':s={rate}:d={seconds}")
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, "-ac", str(channels)]
+    if path.suffix == ".mp4":
+        cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, "-f", "lavfi", "-i",
+               f"color=c=black:s=64x64:d={seconds}", "-ac", str(channels), "-shortest", "-pix_fmt", "yuv420p"]
+    subprocess.run(cmd + (extra or []) + [str(path)], check=True)
+    return path
+
+
+def wav_info(data: bytes) -> tuple[int, int, int]:
+    """(sample rate, channels, frames) of a complete WAV file."""
+    with wave.open(io.BytesIO(data)) as w:
+        return w.getframerate(), w.getnchannels(), w.getnframes()
+
+
+def ffmpeg_decode(data: bytes, fmt: str | None = None) -> tuple[int, float]:
+    """Decode audio bytes completely with ffmpeg: (sample rate, duration in seconds). Fails on any error."""
+    args = ["ffmpeg", "-v", "error", "-xerror"]
+    if fmt:
+        args += ["-f", fmt]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=sample_rate", "-of", "csv=p=0", "-"],
+                           input=data, capture_output=True, check=True)
+    pcm = subprocess.run(args + ["-i", "-", "-f", "s16le", "-ac", "1", "-"], input=data, capture_output=True, check=True)
+    assert not pcm.stderr.strip(), pcm.stderr.decode()
+    rate = int(probe.stdout.decode().strip().splitlines()[0])
+    return rate, len(pcm.stdout) / 2 / rate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """The real service (`offline-tts serve`) in a subprocess, on a free loopback port."""
+
+    def __init__(self, workdir: Path, model_dir: Path, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.voices_dir = workdir / "voices"
+        self.cache_dir = workdir / "cache"
+        self.voices_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "TTS_MODEL_DIR": str(model_dir),
+            "TTS_VOICES_DIR": str(self.voices_dir),
+            "TTS_CACHE_DIR": str(self.cache_dir),
+            "TTS_HOST": "127.0.0.1",
+            "TTS_PORT": str(self.port),
+            "TTS_MAX_AUDIO_TOKENS": "24",
+            "TTS_GREEDY": "true",
+            "TTS_TORCH_THREADS": "1",
+            "TTS_DOWNLOAD": "false",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([str(BIN / "offline-tts"), "serve"], cwd=self.workdir, env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/", timeout=2).json().get("model") == "ready":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
+            self._log.close()
+        return self.proc.returncode if self.proc else None
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
