@@ -19,9 +19,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any
@@ -163,6 +167,16 @@ def _copy_sources(value: str) -> tuple[list[str], list[str]]:
     paths = [t for t in tokens if not t.startswith("--")]
     assert len(paths) >= 2, f"COPY needs sources and a destination: {value!r}"
     return flags, paths[:-1]
+
+
+def _image_healthcheck() -> tuple[dict[str, str], list[str]]:
+    """(options, argv) of the runtime stage's HEALTHCHECK."""
+    check = _dockerfile().final.last("HEALTHCHECK")
+    assert check is not None, "the runtime stage has no HEALTHCHECK"
+    match = re.fullmatch(r"((?:--[\w-]+=\S+\s+)*)CMD\s+(.+)", check.value.strip(), re.DOTALL)
+    assert match, f"HEALTHCHECK should be `[--options] CMD [...]`, got {check.value!r}"
+    options = dict(o.removeprefix("--").split("=", 1) for o in match[1].split())
+    return options, _exec_form(match[2], "HEALTHCHECK CMD")
 
 
 def _run_lines(stage: Stage) -> list[str]:
@@ -343,19 +357,52 @@ def test_cmd_subcommand_exists() -> None:
 
 def test_healthcheck_probes_health_with_a_tool_in_the_image() -> None:
     df = _dockerfile()
-    check = df.final.last("HEALTHCHECK")
-    assert check is not None, "the runtime stage has no HEALTHCHECK"
-    match = re.fullmatch(r"((?:--[\w-]+=\S+\s+)*)CMD\s+(.+)", check.value.strip(), re.DOTALL)
-    assert match, f"HEALTHCHECK should be `[--options] CMD [...]`, got {check.value!r}"
-    options = dict(o.removeprefix("--").split("=", 1) for o in match[1].split())
+    options, argv = _image_healthcheck()
     assert {"interval", "timeout", "start-period"} <= options.keys(), options
-    argv = _exec_form(match[2], "HEALTHCHECK CMD")
     command = " ".join(argv)
     assert re.search(r"/health(?![\w/])", command) and "TTS_PORT" in command, command
     tool = argv[0]
     if tool not in {"python", "python3"}:  # the venv is on PATH; anything else must be installed
         assert any(re.search(rf"apt-get install[^&;]*\b{re.escape(tool)}\b", r) for r in _run_lines(df.final)), (
             f"the healthcheck runs {tool!r}, which the runtime stage does not install")
+
+
+@contextmanager
+def _health_endpoint(status: int) -> Iterator[int]:
+    """A stand-in service on a free loopback port whose GET /health answers `status`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_healthcheck_commands_report_the_service_state(status: int, healthy: bool) -> None:
+    # Runs the image's and compose's probes for real (with this interpreter standing in for the
+    # image's `python`), so a typo inside the one-liner cannot pass as valid JSON.
+    probes = {"Dockerfile": _image_healthcheck()[1]}
+    for name, service in _services().items():
+        test = service["healthcheck"]["test"]
+        probes[f"compose {name}"] = test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
+    with _health_endpoint(status) as port:
+        for source, argv in probes.items():
+            if argv[0] in {"python", "python3"}:
+                argv = [sys.executable, *argv[1:]]
+            result = subprocess.run(argv, env={**os.environ, "TTS_PORT": str(port)}, capture_output=True,
+                                    text=True, timeout=60)
+            assert (result.returncode == 0) == healthy, f"{source} probe with /health -> {status}: {result.stderr}"
 
 
 def test_ffmpeg_is_installed_without_leftovers() -> None:

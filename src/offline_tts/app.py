@@ -36,7 +36,7 @@ async def prepare_model(settings: Settings) -> None:
     """Download the model if it is missing and the license was accepted (in a thread: it can take minutes)."""
     from .engine.download import ensure_model
 
-    await asyncio.to_thread(ensure_model, settings.model_dir, accept_license=settings.accept_license,
+    await asyncio.to_thread(ensure_model, settings.model_dir, accept_license=settings.license_accepted,
                             base_url=settings.model_url, allow_download=settings.download)
 
 

@@ -25,11 +25,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .engine.random_model import missing_model_files
 
     missing = missing_model_files(settings.model_dir)
-    if missing and not (settings.accept_license and settings.download):
+    if missing and not (settings.license_accepted and settings.download):
         from .engine.download import ModelUnavailableError, ensure_model
 
         try:  # raises with the full explanation (directory, files expected, how to fix)
-            ensure_model(settings.model_dir, accept_license=settings.accept_license, base_url=settings.model_url,
+            ensure_model(settings.model_dir, accept_license=settings.license_accepted, base_url=settings.model_url,
                          allow_download=settings.download)
         except ModelUnavailableError as exc:
             log.error("%s", exc)
@@ -48,7 +48,11 @@ def cmd_random_model(args: argparse.Namespace) -> int:
     setup_logging()
     from .engine.random_model import write_random_checkpoint
 
-    path = write_random_checkpoint(Path(args.dir), size=args.size, seed=args.seed)
+    try:
+        path = write_random_checkpoint(Path(args.dir), size=args.size, seed=args.seed, overwrite=args.force)
+    except FileExistsError as exc:
+        log.error("%s (pass --force to replace it)", exc)
+        return 2
     log.info("Random-weight XTTS-v2 checkpoint (%s) written to %s", args.size, path)
     return 0
 
@@ -60,7 +64,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     target = Path(args.dir) if args.dir else settings.model_dir
     try:
-        ensure_model(target, accept_license=settings.accept_license or args.accept_license, base_url=settings.model_url)
+        ensure_model(target, accept_license=settings.license_accepted or args.accept_license, base_url=settings.model_url)
     except ModelUnavailableError as exc:
         log.error("%s", exc)
         return 2
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("dir", help="output directory")
     rnd.add_argument("--size", choices=["tiny", "full"], default="tiny", help="tiny: seconds to build; full: the real architecture")
     rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--force", action="store_true", help="replace model files already in DIR")
     rnd.set_defaults(func=cmd_random_model)
     dl = sub.add_parser("download", help="download the official XTTS-v2 files (needs the CPML license accepted)")
     dl.add_argument("dir", nargs="?", help="target directory (default TTS_MODEL_DIR)")

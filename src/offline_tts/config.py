@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -9,7 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL_URL = "https://huggingface.co/coqui/XTTS-v2/resolve/main"
+from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
+
 
 
 class Settings(BaseSettings):
@@ -72,6 +74,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.strip().lower()
+
+    @property
+    def license_accepted(self) -> bool:
+        """TTS_ACCEPT_LICENSE=true, or coqui's own convention COQUI_TOS_AGREED=1."""
+        return self.accept_license or os.environ.get("COQUI_TOS_AGREED") == "1"
 
     @property
     def defaults_file(self) -> Path:

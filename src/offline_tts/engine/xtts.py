@@ -100,6 +100,8 @@ class XttsEngine:
         self.seed = seed
         self._lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
+        if (model_dir / "RANDOM_WEIGHTS.json").exists():
+            log.warning("%s holds RANDOM weights (offline-tts random-model): the audio is noise, for tests only", model_dir)
         log.info("XTTS-v2 loaded from %s on %s in %.1f s (model id %s)", model_dir, self.device, self.load_seconds, self.model_id)
 
     # -- text -------------------------------------------------------------------------------------
