@@ -11,9 +11,14 @@ import signal
 from fastapi import FastAPI
 
 from . import __version__
-from .api import native
+from .api import native, ops
+from .api import openai as openai_api
+from .api import voices as voices_api
+from .api import ui as ui_page
 from .api.errors import install_error_handlers
+from .api.middleware import install_middleware
 from .config import Settings, get_settings
+from .metrics import Metrics
 from .service import EngineFactory, TTSService
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 if engine_factory is None:
                     await prepare_model(settings)
                 await service.load()
+                log.info("TTS service online at http://%s:%d (docs: /docs, playground: /ui)", settings.host, settings.port)
             except Exception as exc:
                 service.state, service.error = "failed", str(exc)
                 log.error("Model could not be loaded: %s", exc)
@@ -75,6 +81,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.metrics = Metrics(service)  # one registry per app: several apps in one process do not clash
     install_error_handlers(app)
+    install_middleware(app, settings, app.state.metrics)
+    app.include_router(ops.router)
     app.include_router(native.router, tags=["tts"])
+    app.include_router(voices_api.router, tags=["voices"])
+    app.include_router(openai_api.router, tags=["openai"])
+    app.include_router(ui_page.router)
     return app

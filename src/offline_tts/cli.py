@@ -13,7 +13,16 @@ log = logging.getLogger("offline_tts")
 
 
 def setup_logging(level: str = "info", json_logs: bool = False) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    """Plain text lines, or one JSON object per line (TTS_LOG_JSON) with the access log's fields as keys."""
+    handler = logging.StreamHandler()
+    if json_logs:
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,8 +48,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, exit_on_load_failure=True)
     log.info("Starting the TTS service on http://%s:%d (model dir %s, voices %s)", settings.host, settings.port,
              settings.model_dir, settings.voices_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None)
+    # log_config=None: uvicorn's own lines go through our handler (JSON too); the access log is ours
+    # (offline_tts.access: one line per request with its id, voice, audio seconds...).
+    # On SIGTERM uvicorn stops accepting, lets running responses finish for the grace period, then exits.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     return 1 if app.state.service.state == "failed" else 0
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
 
@@ -63,12 +63,29 @@ class Settings(BaseSettings):
 
     # Security
     api_key: str | None = Field(None, description="When set, every route but /health needs `Authorization: Bearer <key>`")
-    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (none by default)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS, comma-separated or a JSON list (none by default)")
 
     # OpenAI compatibility: OpenAI voice name -> voice of this service (empty = the default voice)
-    openai_voice_map: dict[str, str] = Field(default_factory=dict)
+    openai_voice_map: dict[str, str] = Field(
+        default_factory=dict,
+        description='OpenAI voice names mapped to voices of this service, JSON: {"alloy": "ana", "nova": "my_voice_sample"}; '
+                    "OpenAI names left out use the default voice")
+    model_name: str = Field("xtts-v2", description="This model's id on /v1/models; /v1/audio/speech also accepts tts-1 and tts-1-hd")
 
     shutdown_grace_seconds: float = Field(20.0, ge=0, description="How long running streams may finish on SIGTERM")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: object) -> object:
+        if isinstance(v, str):  # "https://a.example,https://b.example" or '["https://a.example"]'
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
 
     @field_validator("language")
     @classmethod

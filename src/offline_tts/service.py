@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics
 from . import text as text_utils
 from .config import Settings
 from .defaults import Defaults, DefaultsStore
@@ -55,6 +56,8 @@ class Stats:
     first_audio_s: float | None = None
     audio_samples: int = 0
     started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    sample_rate: int = 24_000
 
 
 class TTSService:
@@ -166,6 +169,7 @@ class TTSService:
         lang = self.check_language(language)
         resolved = self.resolve_voice(voice)
         sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
+        metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
         pool.admit()  # raises Busy (503) when the line is full
         try:
             conditioning = await self.conditioning(resolved)
@@ -178,6 +182,7 @@ class TTSService:
     async def stream(self, job: SynthesisJob, stats: Stats | None = None) -> AsyncIterator[np.ndarray]:
         """Audio chunks (float32, engine sample rate) as they are generated, sentence after sentence."""
         pool = self.require_pool()
+        stats = self._track(stats, pool)
         try:
             for sentence in job.sentences:
                 def run(engine: SpeechEngine, sentence: str = sentence):
@@ -185,10 +190,9 @@ class TTSService:
                                          plan=self.plan, cancel=job.cancel)
 
                 async for chunk in pool.iterate(run):
-                    if stats is not None:
-                        if stats.first_audio_s is None:
-                            stats.first_audio_s = time.perf_counter() - stats.started
-                        stats.audio_samples += len(chunk)
+                    if stats.first_audio_s is None:
+                        stats.first_audio_s = time.perf_counter() - stats.started
+                    stats.audio_samples += len(chunk)
                     yield chunk
                 if job.cancel.is_set():
                     return
@@ -199,10 +203,12 @@ class TTSService:
             raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
                                   "Retry; if it keeps failing, check the server log.") from exc
         finally:
+            stats.finished = time.perf_counter()
             job.release()  # also stops the worker thread at its next chunk if the client went away
 
     async def synthesize(self, job: SynthesisJob, stats: Stats | None = None) -> np.ndarray:
         pool = self.require_pool()
+        stats = self._track(stats, pool)
         parts = []
         try:
             for sentence in job.sentences:
@@ -218,10 +224,18 @@ class TTSService:
         finally:
             job.release()
         result = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-        if stats is not None:
-            stats.first_audio_s = time.perf_counter() - stats.started
-            stats.audio_samples = len(result)
+        stats.finished = stats.finished or time.perf_counter()
+        stats.first_audio_s = stats.finished - stats.started
+        stats.audio_samples = len(result)
         return result
+
+    @staticmethod
+    def _track(stats: Stats | None, pool: EnginePool[SpeechEngine]) -> Stats:
+        """The request's stats (new if the caller passed none), attached to its record for logs and metrics."""
+        stats = stats if stats is not None else Stats()
+        stats.sample_rate = pool.engines[0].sample_rate
+        metrics.note(stats=stats)
+        return stats
 
     # -- defaults ---------------------------------------------------------------------------------
     async def set_defaults(self, voice: str | None, language: str | None) -> Defaults:

@@ -8,12 +8,19 @@ checked: no separators, no `..`, no hidden files, and the resolved path must sta
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import tempfile
+import threading
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidVoiceName, VoiceNotFound
+from . import audio
+from .errors import InvalidAudio, InvalidVoiceName, VoiceExists, VoiceNotFound
 
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .mp3 .ogg .oga .opus .flac .m4a .mp4 .aac .webm .wma .aiff .aif .mka .mkv .mov .3gp .amr .wv .caf .ac3 .mpga".split()
@@ -33,6 +40,7 @@ class VoiceStore:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()  # one commit or delete at a time
 
     @property
     def real_root(self) -> Path:
@@ -120,3 +128,99 @@ class VoiceStore:
         if not isinstance(name, str) or not _UPLOAD_NAME.fullmatch(name):
             raise InvalidVoiceName(f"Invalid voice name {str(name)[:80]!r}.", f"A voice name is {UPLOAD_NAME_RULE}.", param="name")
         return name
+
+    # -- saving and deleting ----------------------------------------------------------------------
+    # Uploads are staged in a hidden folder inside the voices directory (same filesystem, so moving
+    # them into place is a rename: readers see the old voice or the new one, never half of one).
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A hidden scratch folder for one upload, removed with whatever is left in it."""
+        path = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def entries(self, name: str) -> list[Path]:
+        """What holds voice `name` in the directory: its folder and/or clip files named `name.<ext>`."""
+        found = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.name == name and entry.is_dir() and not entry.is_symlink():
+                found.append(entry)
+            elif entry.stem == name and entry.suffix.lower() in AUDIO_EXTENSIONS and not entry.is_dir():
+                found.append(entry)
+        return found
+
+    def check_new(self, name: str, replace: bool) -> None:
+        if not replace and self.entries(name):
+            raise VoiceExists(f"A voice named {name!r} already exists.",
+                              "Choose another name, delete it first (DELETE /api/voices/{name}), or send replace=true.")
+
+    @staticmethod
+    def check_clip_file(path: Path, label: str, min_seconds: float, max_seconds: float) -> Path:
+        """Refuse a staged upload that is not audio or is too short/long; returns the clip to keep
+        (a file of a kind the store does not list by extension is converted to WAV)."""
+        try:
+            info = audio.probe(path)
+            if info.duration_s and info.duration_s > max_seconds:
+                raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; the limit is {max_seconds:g} s.",
+                                   "Trim it (5-15 s is ideal), or raise TTS_MAX_CLIP_SECONDS.")
+            if info.duration_s and info.duration_s < min_seconds:
+                raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; at least {min_seconds:g} s of speech is needed.",
+                                   audio.IDEAL_CLIP)
+            if path.suffix.lower() in AUDIO_EXTENSIONS:
+                return path
+            wav = path.with_suffix(".wav")
+            audio.write_wav_atomic(wav, audio.decode(path, info.sample_rate), info.sample_rate)
+            path.unlink()
+            return wav
+        except InvalidAudio as exc:  # name the upload, not the staged file
+            exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
+            exc.param = "files"
+            raise
+
+    def commit(self, name: str, clips: list[Path], staging: Path, replace: bool) -> Voice:
+        """Move staged, checked clips into place as voice `name` (a file for one clip, a folder for
+        several). With `replace`, what held the name before is removed; if the move fails, it is put back."""
+        name = self.check_upload_name(name)
+        if not clips:
+            raise ValueError("a voice needs at least one clip")
+        with self._write_lock:
+            self.check_new(name, replace)
+            old = self.entries(name)
+            trash = staging / ".replaced"
+            trash.mkdir()
+            moved: list[Path] = []
+            try:
+                for entry in old:
+                    os.rename(entry, trash / entry.name)
+                    moved.append(entry)
+                if len(clips) == 1:
+                    os.rename(clips[0], self.root / f"{name}{clips[0].suffix.lower()}")
+                else:
+                    folder = clips[0].parent
+                    if any(c.parent != folder for c in clips):
+                        raise ValueError("the clips of a voice must be staged in one folder")
+                    os.rename(folder, self.root / name)
+            except BaseException:
+                for entry in moved:
+                    with contextlib.suppress(OSError):
+                        os.rename(trash / entry.name, entry)
+                raise
+        return self.resolve(name)
+
+    def delete(self, name: str) -> Voice:
+        """Remove a voice (its clip, or its folder of clips); returns what was removed."""
+        with self._write_lock:
+            voice = self.resolve(name)
+            direct = self.root / self.check_name(name)
+            entry = direct if (direct.exists() or direct.is_symlink()) else self.entries(voice.name)[0]
+            if entry.is_dir() and not entry.is_symlink():
+                trash = Path(tempfile.mkdtemp(prefix=".delete-", dir=self.root))
+                os.rename(entry, trash / entry.name)  # gone at once for readers; then removed
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                entry.unlink()
+        return voice

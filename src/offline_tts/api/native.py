@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import audio
+from .. import audio, encoders
 from ..defaults import Defaults
 from ..service import Stats, SynthesisJob, TTSService
 from .deps import get_service
@@ -30,6 +31,7 @@ class TTSRequest(BaseModel):
     voice_sample: str | None = Field(None, max_length=255, description="Voice: a clip file name in voices/ (extension optional); default from /api/config")
     language: str | None = Field(None, max_length=16, description="Language code (es, en, fr, ...); default from /api/config")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate")
+    format: str | None = Field(None, max_length=8, description="Output: wav (default), mp3, opus, aac, flac or pcm (raw 24 kHz mono s16le)")
 
 
 def config_view(defaults: Defaults) -> dict:
@@ -91,17 +93,33 @@ async def wav_stream(service: TTSService, job: SynthesisJob, stats: Stats) -> As
         log.error("Stream ended early: %s", exc)
 
 
+async def encoded_stream(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async with contextlib.aclosing(data):
+            async for part in data:
+                yield part
+    except Exception as exc:  # headers are gone: all we can do is end the stream early
+        log.error("Stream ended early: %s", exc)
+
+
 @router.post("/api/tts/batch", summary="Synthesize the whole text and answer one WAV file",
              response_class=Response, responses={200: {"content": {"audio/wav": {}}}})
 async def tts_batch(body: TTSRequest, service: TTSService = Depends(get_service)) -> Response:
+    fmt = encoders.check_format(body.format, "wav", param="format")
     job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
     stats = Stats()
     wav = await service.synthesize(job, stats)
-    return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav")
+    if fmt.name == "wav":
+        return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav")
+    return Response(await encoders.encode_all(wav, fmt, service.engine.sample_rate), media_type=fmt.media_type)
 
 
 @router.post("/api/tts/stream", summary="Stream audio while it is generated (WAV header, then PCM16 chunks)",
              response_class=StreamingResponse, responses={200: {"content": {"audio/wav": {}}}})
 async def tts_stream(body: TTSRequest, service: TTSService = Depends(get_service)) -> StreamingResponse:
+    fmt = encoders.check_format(body.format, "wav", param="format")
     job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
-    return AudioStreamResponse(wav_stream(service, job, Stats()), job, media_type="audio/wav")
+    if fmt.name == "wav":
+        return AudioStreamResponse(wav_stream(service, job, Stats()), job, media_type="audio/wav")
+    data = encoders.encode(service.stream(job, Stats()), fmt, service.engine.sample_rate)
+    return AudioStreamResponse(encoded_stream(data), job, media_type=fmt.media_type)

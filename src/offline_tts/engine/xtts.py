@@ -54,6 +54,15 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _fold_weight_norm(module: torch.nn.Module) -> None:
+    """Bake weight-norm parametrizations into plain weights: same output, no recomputation per call."""
+    from torch.nn.utils import parametrize
+
+    for m in module.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
 class XttsEngine:
     conditioning_sample_rate = 22_050
 
@@ -85,6 +94,7 @@ class XttsEngine:
         model.load_checkpoint(config, checkpoint_dir=str(model_dir), use_deepspeed=False, eval=True)
         model.to(self.device)
         model.eval()
+        _fold_weight_norm(model.hifigan_decoder.waveform_decoder)
         self.model = model
         self.config = config
         self.model_id = model_fingerprint(model_dir)

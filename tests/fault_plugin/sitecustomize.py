@@ -1,0 +1,128 @@
+"""Fault injection for tests, loaded only by server subprocesses started with PYTHONPATH=tests/fault_plugin.
+
+Production code has no test hooks: this module patches it from the outside at interpreter start.
+Each fault is switched on by an environment variable:
+
+- FAULT_TEXT=1: a sentence containing `faultruntime` raises RuntimeError inside generation, `faultoom`
+  raises torch.OutOfMemoryError (what CUDA raises), `faultlate` raises after a few audio frames.
+- FAULT_LOAD_GATE=PATH: model loading waits until PATH exists (so "not ready yet" lasts as long as a test needs).
+- FAULT_PAUSE_DIR=DIR + FAULT_PAUSE_MARK=PATH: the first fsync/replace/rename of a file inside DIR
+  writes PATH and then hangs, so a test can SIGKILL the process in the middle of a write.
+- FAULT_DENY_DIR=DIR + FAULT_DENY_ERRNO=EROFS|ENOSPC: creating or writing files inside DIR fails as
+  on a read-only or full disk.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _inside(path, root: str) -> bool:
+    try:
+        return os.path.realpath(os.fsdecode(path)).startswith(root.rstrip("/") + "/")
+    except (TypeError, ValueError):
+        return False
+
+
+def _patch_engine() -> None:
+    import torch
+
+    from offline_tts.engine import xtts
+
+    original_latents = xtts.XttsEngine._latents
+    original_init = xtts.XttsEngine.__init__
+
+    def _latents(self, text, language, conditioning, cancel):
+        lowered = text.lower()
+        if os.environ.get("FAULT_TEXT"):
+            if "faultruntime" in lowered:
+                raise RuntimeError("simulated failure inside generation")
+            if "faultoom" in lowered:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        for count, latent in enumerate(original_latents(self, text, language, conditioning, cancel), start=1):
+            if os.environ.get("FAULT_TEXT") and "faultlate" in lowered and count > 10:
+                raise RuntimeError("simulated failure in the middle of generation")
+            yield latent
+
+    def __init__(self, *args, **kwargs):
+        gate = os.environ.get("FAULT_LOAD_GATE")
+        while gate and not os.path.exists(gate):
+            time.sleep(0.1)
+        original_init(self, *args, **kwargs)
+
+    xtts.XttsEngine._latents = _latents
+    xtts.XttsEngine.__init__ = __init__
+
+
+def _patch_pause() -> None:
+    root, mark = os.environ["FAULT_PAUSE_DIR"], os.environ["FAULT_PAUSE_MARK"]
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def hang(what: str, path) -> None:
+        Path(mark).write_text(f"{what} {os.fsdecode(path)}\n")
+        while True:  # until SIGKILL
+            time.sleep(1)
+
+    def fsync(fd):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        if _inside(path, root):
+            hang("fsync", path)
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        if _inside(dst, root):
+            hang("replace", dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def rename(src, dst, *args, **kwargs):
+        if _inside(dst, root):
+            hang("rename", dst)
+        return real_rename(src, dst, *args, **kwargs)
+
+    os.fsync, os.replace, os.rename = fsync, replace, rename
+
+
+def _patch_deny() -> None:
+    root = os.environ["FAULT_DENY_DIR"]
+    code = getattr(errno, os.environ.get("FAULT_DENY_ERRNO", "EROFS"))
+    real_os_open, real_open, real_mkdir = os.open, builtins.open, os.mkdir
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def fail(path):
+        raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & writing and _inside(path, root):
+            fail(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and _inside(file, root):
+            fail(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if _inside(path, root):
+            fail(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    os.open, builtins.open, io.open, os.mkdir = os_open, open_, open_, mkdir
+
+
+# Only in the server process (the `offline-tts` console script), never in ffmpeg helpers or pip.
+if os.path.basename(sys.argv[0] if sys.argv else "") == "offline-tts":
+    if os.environ.get("FAULT_TEXT") or os.environ.get("FAULT_LOAD_GATE"):
+        _patch_engine()
+    if os.environ.get("FAULT_PAUSE_DIR"):
+        _patch_pause()
+    if os.environ.get("FAULT_DENY_DIR"):
+        _patch_deny()
