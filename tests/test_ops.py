@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -297,11 +298,12 @@ def test_json_logs(secured):
     assert entry["request_id"] == "json-log-1" and entry["status"] == 200
     assert entry["route"] == "/api/tts/batch" and entry["voice"] == "ana" and entry["language"] == "es"
     assert entry["characters"] == len("Hola mundo.") and entry["audio_seconds"] > 0 and entry["ttfa_seconds"] > 0
-    # Every line of the log is JSON, uvicorn's own included (tracebacks stay inside their object).
-    for line in secured.log().splitlines():
-        if line.strip() and not line.startswith(("/", " ", "Traceback")) and "Warning" not in line:
-            json.loads(line)
-    assert any('"uvicorn.error"' in line for line in secured.log().splitlines())
+    # Everything that goes through logging is JSON, uvicorn's lines and Python warnings included
+    # (only third-party libraries that print by themselves are not: transformers' own handler).
+    lines = secured.log().splitlines()
+    assert not [line for line in lines if re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ ", line)]
+    parsed = [json.loads(line) for line in lines if line.startswith("{")]
+    assert {"uvicorn.error", "offline_tts.service", "py.warnings"} <= {entry["logger"] for entry in parsed}
 
 
 def test_ready_only_once_the_model_is_loaded(start_server, tmp_path: Path):
@@ -361,7 +363,7 @@ def test_sigterm_lets_a_running_stream_finish_and_refuses_new_connections(start_
                 received += chunk
     assert len(received) == len(reference.content)  # every sample of the stream arrived
     assert ffmpeg_decode(received)[1] > 1.0
-    assert srv.proc.wait(60) == 0
+    assert srv.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained (exit 143 in Docker)
     log = srv.log()
     assert "request_id=drain-1 " in log and "status=200" in log.split("request_id=drain-1 ")[1].splitlines()[0]
     assert "Shutting down" in log

@@ -23,6 +23,7 @@ def setup_logging(level: str = "info", json_logs: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings (torch, coqui) become log records, JSON too
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
 
     # Streaming
     stream_first_chunk_tokens: int = Field(8, ge=1, description="Audio tokens in the first streamed chunk (small = early first audio)")
-    stream_chunk_tokens: int = Field(24, ge=1, description="Audio tokens in later streamed chunks")
-    stream_context_tokens: int = Field(12, ge=0, description="Left context decoded with each chunk so seams are inaudible")
+    stream_chunk_tokens: int = Field(24, ge=1, description="Audio tokens in the second streamed chunk; later ones double")
+    stream_max_chunk_tokens: int = Field(96, ge=1, description="Largest streamed chunk, in audio tokens")
+    stream_context_tokens: int = Field(4, ge=0, description="Left context decoded with each chunk so seams match the one-shot decode")
 
     # Capacity
     workers: int = Field(1, ge=1, description="Model replicas, each with its own lock")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -62,17 +62,19 @@ def check_format(name: str | None, default: str, param: str = "response_format")
     return FORMATS[key]
 
 
-def encode(chunks: AsyncIterator[np.ndarray], fmt: AudioFormat, sample_rate: int) -> AsyncIterator[bytes]:
+def encode(chunks: AsyncIterator[np.ndarray], fmt: AudioFormat, sample_rate: int,
+           stop: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     """Bytes of `fmt` for float32 mono `chunks`, yielded as soon as the encoder produces them.
 
     An error of the source is re-raised after the bytes produced so far have been given out (for the
     ffmpeg formats: after the container has been ended properly, so what was sent stays decodable).
+    `stop` is called first thing when the stream ends early (e.g. to cancel the synthesis).
     """
     if fmt.name == "wav":
         return _wav(chunks, sample_rate)
     if fmt.name == "pcm":
         return _pcm(chunks)
-    return _ffmpeg(chunks, fmt, sample_rate)
+    return _ffmpeg(chunks, fmt, sample_rate, stop)
 
 
 async def encode_all(samples: np.ndarray, fmt: AudioFormat, sample_rate: int) -> bytes:
@@ -112,7 +114,8 @@ def ffmpeg_command(fmt: AudioFormat, sample_rate: int) -> list[str]:
     ]
 
 
-async def _ffmpeg(chunks: AsyncIterator[np.ndarray], fmt: AudioFormat, sample_rate: int) -> AsyncIterator[bytes]:
+async def _ffmpeg(chunks: AsyncIterator[np.ndarray], fmt: AudioFormat, sample_rate: int,
+                  stop: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     proc = await asyncio.create_subprocess_exec(
         *ffmpeg_command(fmt, sample_rate),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -151,14 +154,16 @@ async def _ffmpeg(chunks: AsyncIterator[np.ndarray], fmt: AudioFormat, sample_ra
         # hence the shield: the cleanup must not be interrupted half-way).
         with anyio.CancelScope(shield=True):
             if not feeder.done():
+                if stop is not None:
+                    stop()
                 feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             with anyio.move_on_after(_REAP_TIMEOUT):
                 await proc.wait()
             _close_pipes(proc)
+            await asyncio.gather(feeder, return_exceptions=True)  # the source's own cleanup
 
 
 async def _aclose(chunks: AsyncIterator[np.ndarray]) -> None:

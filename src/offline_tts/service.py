@@ -71,7 +71,8 @@ class TTSService:
         self.state = "starting"  # starting -> loading -> ready | failed
         self.error: str | None = None
         self.load_seconds: float | None = None
-        self.plan = StreamPlan(settings.stream_first_chunk_tokens, settings.stream_chunk_tokens, settings.stream_context_tokens)
+        self.plan = StreamPlan(settings.stream_first_chunk_tokens, settings.stream_chunk_tokens,
+                               settings.stream_max_chunk_tokens, settings.stream_context_tokens)
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -104,7 +105,7 @@ class TTSService:
 
         def warm(engine: SpeechEngine) -> None:
             cond = engine.compute_conditioning([noise])
-            for _ in engine.stream("ok.", engine.languages[0], cond, plan=StreamPlan(2, 2, 2),
+            for _ in engine.stream("ok.", engine.languages[0], cond, plan=StreamPlan(2, 2, 2, 2),
                                    cancel=None):
                 break
 

@@ -121,5 +121,5 @@ async def tts_stream(body: TTSRequest, service: TTSService = Depends(get_service
     job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
     if fmt.name == "wav":
         return AudioStreamResponse(wav_stream(service, job, Stats()), job, media_type="audio/wav")
-    data = encoders.encode(service.stream(job, Stats()), fmt, service.engine.sample_rate)
+    data = encoders.encode(service.stream(job, Stats()), fmt, service.engine.sample_rate, stop=job.release)
     return AudioStreamResponse(encoded_stream(data), job, media_type=fmt.media_type)

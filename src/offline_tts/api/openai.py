@@ -143,7 +143,7 @@ async def create_speech(body: SpeechRequest, service: TTSService = Depends(get_s
     metrics.note(format=fmt.name)
     job: SynthesisJob = await service.prepare(body.input, voice, body.language, speed)
     stats = Stats()
-    data = encoders.encode(service.stream(job, stats), fmt, sample_rate)
+    data = encoders.encode(service.stream(job, stats), fmt, sample_rate, stop=job.release)
     if stream_format == "sse":
         return AudioStreamResponse(_audio_events(data, body.input, stats), job, media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -21,11 +21,24 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class StreamPlan:
-    """How a sentence is cut into streamed chunks (in audio tokens)."""
+    """How a sentence is cut into streamed chunks (in audio tokens, ~21.5 per second of audio).
+
+    A small first chunk gets audio out early; later chunks double up to `max_chunk_tokens`, which keeps
+    the per-chunk overhead (left context decoded again) small on long sentences.
+    """
 
     first_chunk_tokens: int = 8
     chunk_tokens: int = 24
-    context_tokens: int = 12
+    max_chunk_tokens: int = 96
+    context_tokens: int = 4
+
+    def boundaries(self):
+        """Token counts at which a chunk is flushed: 8, 32, 80, 176, 272, ..."""
+        at, size = self.first_chunk_tokens, self.chunk_tokens
+        while True:
+            yield at
+            at += size
+            size = min(size * 2, max(self.max_chunk_tokens, self.chunk_tokens))
 
 
 class SpeechEngine(Protocol):

@@ -217,11 +217,12 @@ class XttsEngine:
         to_grid, vocode, columns_per_frame, hop = self._decoder(conditioning, speed)
         decoder = ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=plan.context_tokens)
         with self._lock:
-            next_flush = plan.first_chunk_tokens
+            boundaries = plan.boundaries()
+            next_flush = next(boundaries)
             for latent in self._latents(text, language, conditioning, cancel):
                 decoder.add(latent)
                 if decoder.frames >= next_flush:
-                    next_flush += plan.chunk_tokens
+                    next_flush = next(boundaries)
                     chunk = decoder.flush()
                     if len(chunk):
                         yield chunk
