@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 
 from fastapi import FastAPI
 
@@ -45,8 +43,7 @@ async def prepare_model(settings: Settings) -> None:
                             base_url=settings.model_url, allow_download=settings.download)
 
 
-def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None,
-               exit_on_load_failure: bool = False) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     settings = settings or get_settings()
     service = TTSService(settings, engine_factory or xtts_factory(settings))
 
@@ -66,8 +63,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             except Exception as exc:
                 service.state, service.error = "failed", str(exc)
                 log.error("Model could not be loaded: %s", exc)
-                if exit_on_load_failure:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                if app.state.on_fatal is not None:  # `offline-tts serve` stops: a server that can never be ready
+                    app.state.on_fatal()
 
         task = asyncio.create_task(start())
         yield
@@ -81,6 +78,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.on_fatal = None  # set by the CLI: what to do when the model cannot be loaded
     app.state.metrics = Metrics(service)  # one registry per app: several apps in one process do not clash
     install_error_handlers(app)
     install_middleware(app, settings, app.state.metrics)
