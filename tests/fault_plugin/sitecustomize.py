@@ -6,8 +6,9 @@ Each fault is switched on by an environment variable:
 - FAULT_TEXT=1: a sentence containing `faultruntime` raises RuntimeError inside generation, `faultoom`
   raises torch.OutOfMemoryError (what CUDA raises), `faultlate` raises after a few audio frames.
 - FAULT_LOAD_GATE=PATH: model loading waits until PATH exists (so "not ready yet" lasts as long as a test needs).
-- FAULT_PAUSE_DIR=DIR + FAULT_PAUSE_MARK=PATH: the first fsync/replace/rename of a file inside DIR
-  writes PATH and then hangs, so a test can SIGKILL the process in the middle of a write.
+- FAULT_PAUSE=PATTERNS + FAULT_PAUSE_MARK=PATH: an fsync/replace/rename of a file whose path matches
+  one of the fnmatch PATTERNS (os.pathsep-separated) appends a line to PATH and hangs that thread,
+  so a test can SIGKILL the process in the middle of a write.
 - FAULT_DENY_DIR=DIR + FAULT_DENY_ERRNO=EROFS|ENOSPC: creating or writing files inside DIR fails as
   on a read-only or full disk.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import fnmatch
 import io
 import os
 import sys
@@ -61,11 +63,16 @@ def _patch_engine() -> None:
 
 
 def _patch_pause() -> None:
-    root, mark = os.environ["FAULT_PAUSE_DIR"], os.environ["FAULT_PAUSE_MARK"]
+    patterns, mark = os.environ["FAULT_PAUSE"].split(os.pathsep), os.environ["FAULT_PAUSE_MARK"]
     real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
 
+    def matches(path) -> bool:
+        path = os.path.abspath(os.fsdecode(path))
+        return any(fnmatch.fnmatch(path, pattern) for pattern in patterns)
+
     def hang(what: str, path) -> None:
-        Path(mark).write_text(f"{what} {os.fsdecode(path)}\n")
+        with open(mark, "a") as f:
+            f.write(f"{what} {os.fsdecode(path)}\n")
         while True:  # until SIGKILL
             time.sleep(1)
 
@@ -74,17 +81,17 @@ def _patch_pause() -> None:
             path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             path = ""
-        if _inside(path, root):
+        if path and matches(path):
             hang("fsync", path)
         return real_fsync(fd)
 
     def replace(src, dst, *args, **kwargs):
-        if _inside(dst, root):
+        if matches(dst):
             hang("replace", dst)
         return real_replace(src, dst, *args, **kwargs)
 
     def rename(src, dst, *args, **kwargs):
-        if _inside(dst, root):
+        if matches(dst):
             hang("rename", dst)
         return real_rename(src, dst, *args, **kwargs)
 
@@ -122,7 +129,7 @@ def _patch_deny() -> None:
 if os.path.basename(sys.argv[0] if sys.argv else "") == "offline-tts":
     if os.environ.get("FAULT_TEXT") or os.environ.get("FAULT_LOAD_GATE"):
         _patch_engine()
-    if os.environ.get("FAULT_PAUSE_DIR"):
+    if os.environ.get("FAULT_PAUSE"):
         _patch_pause()
     if os.environ.get("FAULT_DENY_DIR"):
         _patch_deny()
