@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--language", help="language code, e.g. es, en (default: the server's default)")
     p.add_argument("--output", default="stream_output.wav", help="WAV file to write (default: %(default)s)")
     p.add_argument("--no-play", action="store_true", help="only save the audio, do not play it")
-    p.add_argument("--api-key", default=os.environ.get("TTS_API_KEY"), help="API key, when the server needs one (env TTS_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get("TTS_API_KEY"),
+                   help="API key, when the server needs one (env TTS_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -260,7 +261,8 @@ def stream(args: argparse.Namespace, voice: str, text: str) -> int:
             player.finish(wait=True)
         except KeyboardInterrupt:
             player.finish(wait=False)
-        print(f"Played; saved to {output}" if player.problem is None else f"Playback failed ({player.problem}); saved to {output}")
+        played = "Played" if player.problem is None else f"Playback failed ({player.problem})"
+        print(f"{played}; saved to {output}")
     elif args.no_play:
         print(f"Saved to {output}")
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +31,13 @@ CHROMIUM_ARGS = [
 ]
 OUTPUT = ROOT / "test-output"
 DOCS_SCREENSHOT = ROOT / "docs" / "ui.png"
-# Many short sentences: the server caps each at 24 audio tokens, so the stream lasts several chunks.
-LONG_TEXT = " ".join(f"Esta es la frase número {n} de una prueba larga." for n in range(1, 11))
+# Many sentences: the server caps each at 24 audio tokens, so the stream lasts many chunks.
+LONG_TEXT = (
+    "Bienvenidos al servicio de voz sin conexión. Escribe un texto y elige una voz. El audio empieza a sonar "
+    "enseguida. No hace falta esperar a que termine. Cada frase se genera por separado. Puedes subir tu propia "
+    "voz. También puedes grabarla con el micrófono. Elige el idioma y el formato. Después descarga el resultado. "
+    "Todo funciona en tu propio equipo."
+)
 FINISHED = "['playing', 'done', 'error', 'stopped'].includes(window.playground.phase)"
 
 
@@ -168,6 +174,7 @@ def test_upload_a_clip_and_speak_with_progressive_playback(ui: Page, tmp_path: P
     rate, channels, frames = wav_info(Path(download.path()).read_bytes())
     assert (rate, channels) == (24000, 1)
     assert frames / rate == pytest.approx(state["audioSeconds"], abs=0.01) and frames > rate
+    page.click("#add-voice summary")  # folded again: the screenshot shows the whole flow on one screen
     shot = ui.screenshot("ui-spoken")
     if os.environ.get("TTS_UPDATE_SCREENSHOT"):
         DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
@@ -190,6 +197,18 @@ def test_compressed_formats_play_and_download(ui: Page, fmt: str) -> None:
     assert download_info.value.suggested_filename.endswith(f".{fmt}")
     magic_ok = data[:4] == b"fLaC" if fmt == "flac" else data[0] == 0xFF and data[1] & 0xE0 == 0xE0  # MPEG frame sync
     assert magic_ok, data[:8]
+
+
+def test_stop_ends_playback_and_the_stream(ui: Page) -> None:
+    page = ui.open()
+    page.wait_for_function("document.querySelector('#voice').value !== ''")
+    page.fill("#text", LONG_TEXT)
+    page.click("#speak")
+    page.wait_for_function("window.playground.firstAudioMs !== null")
+    page.click("#stop")
+    page.wait_for_function("window.playground.phase === 'stopped'")
+    assert page.inner_text("#speak-status") == "Stopped."
+    assert page.is_hidden("#error") and page.is_disabled("#stop")
 
 
 # ---- microphone -----------------------------------------------------------------------------------
@@ -239,11 +258,29 @@ def test_bad_uploads_show_the_api_error(ui: Page, tmp_path: Path) -> None:
 
 
 # ---- API key --------------------------------------------------------------------------------------
+KEY = "s3cret-key"
+
+
+def wait_ready_with_key(srv: ServerProcess, key: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert srv.proc.poll() is None, srv.log()
+        try:
+            if httpx.get(srv.url + "/", headers={"Authorization": f"Bearer {key}"}, timeout=2).json().get("model") == "ready":
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready after {timeout} s:\n{srv.log()}")
+
+
 def test_api_key_mode(browser: sync_api.Browser, start_server) -> None:
-    srv = start_server({"TTS_API_KEY": "s3cret-key"}, run=False)
+    srv = start_server({"TTS_API_KEY": KEY}, run=False)
     make_clip(srv.voices_dir / "ana.wav", seconds=6)
-    srv.start()
+    srv.start(wait_ready=False)  # its readiness check has no key
+    wait_ready_with_key(srv, KEY)
     assert httpx.get(srv.url + "/ui").status_code == 200  # the page itself is public
+    assert httpx.get(srv.url + "/api/voices").status_code == 401
     ui = Page(browser, srv.url)
     try:
         page = ui.open()
@@ -255,7 +292,7 @@ def test_api_key_mode(browser: sync_api.Browser, start_server) -> None:
         page.click("#key-save")
         page.wait_for_function("document.querySelector('#error-message').textContent.includes('Invalid API key')")
 
-        page.fill("#api-key", "s3cret-key")
+        page.fill("#api-key", KEY)
         page.click("#key-save")
         page.wait_for_function("document.querySelector('#voice').value === 'ana'")
         assert page.is_hidden("#error")

@@ -46,14 +46,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 2
     from .app import create_app
 
-    app = create_app(settings, exit_on_load_failure=True)
+    app = create_app(settings)
     log.info("Starting the TTS service on http://%s:%d (model dir %s, voices %s)", settings.host, settings.port,
              settings.model_dir, settings.voices_dir)
     # log_config=None: uvicorn's own lines go through our handler (JSON too); the access log is ours
     # (offline_tts.access: one line per request with its id, voice, audio seconds...).
     # On SIGTERM uvicorn stops accepting, lets running responses finish for the grace period, then exits.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+        access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds))
+    app.state.on_fatal = lambda: setattr(server, "should_exit", True)  # a model that cannot load: stop, exit 1
+    server.run()
     return 1 if app.state.service.state == "failed" else 0
 
 

@@ -38,7 +38,9 @@ class AudioFormat:
 FORMATS: dict[str, AudioFormat] = {
     f.name: f
     for f in (
-        AudioFormat("mp3", "audio/mpeg", ("-c:a", "libmp3lame", "-b:a", "64k", "-write_xing", "0", "-id3v2_version", "0", "-f", "mp3")),
+        # No Xing header: ffmpeg cannot go back to fill it in on a pipe, and a blank one misleads players.
+        AudioFormat("mp3", "audio/mpeg", ("-c:a", "libmp3lame", "-b:a", "64k", "-write_xing", "0",
+                                          "-id3v2_version", "0", "-f", "mp3")),
         # libopus keeps the 24 kHz input rate in its header, but Opus always decodes at 48 kHz.
         AudioFormat("opus", "audio/ogg", ("-c:a", "libopus", "-b:a", "32k", "-frame_duration", "20",
                                           "-page_duration", "100000", "-f", "ogg")),

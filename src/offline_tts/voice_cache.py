@@ -161,7 +161,7 @@ class VoiceCache:
             log.warning("Voice cache not written to %s (%s); the voice stays cached in memory", path, exc)
 
     def _decoded_clips(self, voice: Voice, digests: list[str], sample_rate: int) -> list[np.ndarray]:
-        clips = []
+        clips, new = [], []
         for path, digest in zip(voice.files, digests, strict=True):
             cached = self.dir / "clips" / f"{digest}-{sample_rate}.npy"
             clip = self._load_decoded(cached)
@@ -169,19 +169,24 @@ class VoiceCache:
                 audio.probe(path)  # clear errors: not audio, no audio track, impossible format
                 clip = audio.decode(path, sample_rate)
                 audio.check_clip(clip, sample_rate, path.name, self.min_clip_seconds)
-                self._save_decoded(cached, clip)
+                new.append((cached, clip))
             clips.append(clip)
+        for cached, clip in new:  # only once every clip passed: a refused voice leaves nothing on disk
+            self._save_decoded(cached, clip)
         return clips
 
     @staticmethod
     def _load_decoded(path: Path) -> np.ndarray | None:
         try:
             return np.load(path, allow_pickle=False)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not cached (or the cache path is unusable)
             return None
         except (OSError, ValueError) as exc:
             log.warning("Discarding unreadable decoded clip %s (%s)", path, exc)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only cache: it stays unread, we decode again
+                pass
             return None
 
     @staticmethod

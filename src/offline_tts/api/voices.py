@@ -19,9 +19,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .. import audio
-from ..errors import TTSError, UploadTooLarge
+from ..errors import InvalidAudio, TTSError, UploadTooLarge
 from ..service import TTSService
-from ..voices import AUDIO_EXTENSIONS, UPLOAD_NAME_RULE, Voice, VoiceStore
+from ..voices import AUDIO_EXTENSIONS, Voice, VoiceStore
 from .deps import get_service
 from .middleware import UPLOAD_FILES_PER_REQUEST
 
@@ -242,7 +242,13 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
 
         clips = await asyncio.to_thread(check_all)
         staged = Voice(name, tuple(clips), is_folder=len(clips) > 1)
-        await service.conditioning(staged)  # decodes, checks for silence, computes and caches the latents
+        try:
+            await service.conditioning(staged)  # decodes, checks for silence, computes and caches the latents
+        except InvalidAudio as exc:  # name the uploaded file, not its staged copy
+            for (label, _), path in zip(reader.files, clips, strict=True):
+                exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
+            exc.param = "files"
+            raise
 
         old = [v for v in store.list() if v.name == name] if replace else []
         new_digests = await asyncio.to_thread(service.cache.clip_digests, staged)

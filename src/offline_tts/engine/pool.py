@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+
+import anyio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -104,5 +106,7 @@ class EnginePool(Generic[E]):
                     yield item
             finally:
                 stop = True
-                # The worker must not be handed to anyone else while the thread still uses it.
-                await asyncio.shield(task)
+                # The worker must not be handed to anyone else while the thread still uses it. Starlette
+                # cancels a disconnected response through anyio, which re-cancels at every await: shield it.
+                with anyio.CancelScope(shield=True):
+                    await task

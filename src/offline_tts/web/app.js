@@ -162,6 +162,7 @@ function discardRecording() {
   $("record-preview").hidden = true;
   $("record-preview").removeAttribute("src");
   $("record-time").textContent = "0:00";
+  $("record").textContent = "● Record";
 }
 
 async function toggleRecording() {
@@ -262,7 +263,7 @@ class PcmPlayer {
     const now = audioCtx.currentTime;
     return this.spans.reduce((sum, [start, length]) => sum + Math.min(length, Math.max(0, now - start)), 0);
   }
-  remaining() { return Math.max(0, this.next - audioCtx.currentTime); }
+  finished() { return new Promise((resolve) => setTimeout(resolve, Math.max(0, this.next - audioCtx.currentTime) * 1000)); }
   end() {
     const data = concat(this.pcm);
     return { blob: new Blob([wavHeader(this.rate || 24000, this.channels, data.length), data], { type: "audio/wav" }),
@@ -299,7 +300,7 @@ class MediaSourcePlayer {
     else if (this.ending) this.ms.endOfStream();
   }
   played() { return this.audio.currentTime; }
-  remaining() { return Math.max(0, (this.audio.duration || 0) - this.audio.currentTime); }
+  finished() { return mediaEnded(this.audio); }
   end() {
     this.ending = true;
     this.ready.then(() => this.pump());
@@ -316,7 +317,7 @@ class WholeFilePlayer {
   }
   push(bytes) { this.chunks.push(bytes); }
   played() { return 0; }
-  remaining() { return 0; }
+  finished() { return mediaEnded(this.audio); }
   end() {
     const blob = new Blob(this.chunks, { type: this.mime });
     this.audio.src = URL.createObjectURL(blob);
@@ -325,6 +326,11 @@ class WholeFilePlayer {
   }
   stop() { this.audio.pause(); }
 }
+
+const mediaEnded = (audio) => new Promise((resolve) => {
+  audio.addEventListener("ended", resolve, { once: true });
+  audio.addEventListener("error", resolve, { once: true });
+});
 
 function parseWavHeader(b) {
   if (b.length < 12) return null;
@@ -455,9 +461,10 @@ async function speak() {
     if (!run.bytes) throw new ApiError("The server sent no audio.", "See the server log.");
     setPhase("playing");
     $("speak-status").textContent = run.playedAtEndS > 0
-      ? `Done: ${run.playedAtEndS.toFixed(1)} s of audio had already played when the last chunk arrived.`
-      : "Done.";
-    setTimeout(() => { if (current === me) { setPhase("done"); current = null; } }, me.player.remaining() * 1000);
+      ? `All received: ${run.playedAtEndS.toFixed(1)} s of audio had already played when the last chunk arrived.`
+      : "All received.";
+    await me.player.finished();
+    if (current === me) { setPhase("done"); current = null; }
   } catch (err) {
     if (current !== me && err.name === "AbortError") return;
     run.error = err.message;
