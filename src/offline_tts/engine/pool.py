@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
-import anyio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
+
+import anyio
 
 from ..errors import Busy
 
