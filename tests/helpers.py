@@ -97,7 +97,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/", timeout=2).json().get("model") == "ready":
+                key = self.env.get("TTS_API_KEY")
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                if httpx.get(self.url + "/", headers=headers, timeout=2).json().get("model") == "ready":
                     return
             except (httpx.HTTPError, ValueError):
                 pass
