@@ -64,7 +64,9 @@ def probe(path: Path) -> AudioInfo:
     if not 1000 <= sample_rate <= _MAX_SAMPLE_RATE or channels < 1:
         raise InvalidAudio(f"'{name}' declares an impossible format ({sample_rate} Hz, {channels} channels).", IDEAL_CLIP)
     duration = s.get("duration") or info.get("format", {}).get("duration")
-    return AudioInfo(float(duration) if duration not in (None, "N/A") else 0.0, sample_rate, channels, s.get("codec_name", "?"))
+    if duration in (None, "N/A"):  # e.g. a browser's MediaRecorder WebM: the length is only known by decoding
+        duration = decode(path, 8000).size / 8000
+    return AudioInfo(float(duration), sample_rate, channels, s.get("codec_name", "?"))
 
 
 def decode(path: Path, sample_rate: int) -> np.ndarray:
