@@ -201,6 +201,9 @@ def stream(args: argparse.Namespace, voice: str, text: str) -> int:
             if response.status_code != 200:
                 progress.close()
                 print(describe_error(response), file=sys.stderr)
+                if response.status_code == 401:
+                    print("This client sends the key given with --api-key or the TTS_API_KEY environment variable.",
+                          file=sys.stderr)
                 return 1
             for data in response.iter_bytes():
                 pending += data

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import BIN, ServerProcess, make_clip
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 100
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,12 @@ def fuzz_target(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     srv.stop()
 
 
+@pytest.mark.timeout(900)
 def test_no_server_error_for_any_generated_request(fuzz_target, tmp_path):
     cmd = [str(BIN / "st"), "run", f"{fuzz_target.url}/openapi.json",
            "--checks", "not_a_server_error", "--max-examples", str(MAX_EXAMPLES), "--seed", "20251125",
-           "--workers", "1", "--request-timeout", "120", "--max-time", "400", "--no-color"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=560)
+           "--workers", "1", "--request-timeout", "120", "--no-color"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=840)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert re.search(r"\d+ generated, \d+ passed", output), output[-3000:]

@@ -82,7 +82,8 @@ HOSTILE_NAMES = [
     "../secret.wav", "../secret", "../../etc/passwd", "/etc/passwd", "/tmp", "..", ".", "   ",
     "..%2Fsecret.wav", "..%252Fsecret.wav", "%2e%2e%2fsecret.wav", "%252e%252e%252fsecret.wav",
     "..\\secret.wav", "ana.wav/../../secret.wav", "ana\x00.wav", "\x00", "ana\n.wav", "ana\u202e.wav",
-    "a" * 300, "b" * 5000,
+    "a" * 300, "b" * 5000, "\u00e9" * 200,  # 200 characters but 400 bytes: too long for the filesystem
+    "T\u0330\u033a\u033a\u0315o\u035e " * 40,  # combining marks ("Zalgo"), over 255 bytes
     "..\uff0fsecret.wav",  # fullwidth solidus
     "\u2024\u2024/secret.wav",  # one-dot leaders
     "\u2025/secret.wav",  # two-dot leader
@@ -161,7 +162,8 @@ DELETE_PATHS = [
     "/api/voices/..", "/api/voices/.", "/api/voices/%2Fetc%2Fpasswd", "/api/voices//etc/passwd", "/api/voices/ana%00",
     "/api/voices/ana%00.wav", "/api/voices/%00", "/api/voices/..%5Coutside%5Csecret.wav",
     "/api/voices/" + quote("..\uff0foutside\uff0fsecret.wav"), "/api/voices/" + quote("\u2024\u2024/outside"),
-    "/api/voices/" + quote("\uff0e\uff0e"), "/api/voices/" + "c" * 5000, "/api/voices/link_out", "/api/voices/link_out.wav",
+    "/api/voices/" + quote("\uff0e\uff0e"), "/api/voices/" + "c" * 5000, "/api/voices/" + quote("\u00e9" * 200),
+    "/api/voices/x%0Arequest_id=forged%20status=200", "/api/voices/link_out", "/api/voices/link_out.wav",
     "/api/voices/link_dir", "/api/voices/link_dir%2Fsecret.wav", "/api/voices/.hidden", "/api/voices/nobody",
     "/api/voices/ana/../../outside", "/api/voices/%2e%2e/outside/secret.wav",
 ]
@@ -172,6 +174,8 @@ def test_hostile_delete_paths(target, unchanged, path):
     status, body = raw_request(target, "DELETE", path)
     assert 400 <= status < 500, (path, status, body[:300])
     assert b'"error"' in body and b"Traceback" not in body
+    # A decoded %0A must not start a forged line in the access log.
+    assert not [line for line in target.log().splitlines() if line.startswith("request_id=forged")]
 
 
 def test_symlinks_out_of_the_voices_dir_are_not_listed_or_used(target, unchanged):

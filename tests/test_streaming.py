@@ -86,16 +86,16 @@ def test_disconnect_stops_generation(long_server: ServerProcess) -> None:
             busy = (cpu_seconds(server) - busy_before) / (time.perf_counter() - reading_started)
         left = time.perf_counter()  # the connection is closed here, long before the sentence is done
     assert busy > 0.15, f"the server was not generating while streaming (CPU {busy:.2f})"
-    # Generation stops within a chunk (the engine checks after every audio token): the server goes
-    # idle at once instead of working through the rest of the sentence (tens of seconds).
+    # Generation stops within a chunk (the engine checks its cancel flag after every audio token): the
+    # server goes idle at once instead of working through the rest of the sentence (tens of seconds).
     deadline, idle = left + 10, None
     while time.perf_counter() < deadline:
-        rate = cpu_rate(server, 1.0)
-        if rate < 0.08:
+        rate = cpu_rate(server, 0.5)
+        if rate < 0.1:
             idle = time.perf_counter() - left
             break
     assert idle is not None, f"the server kept generating after the client left (CPU {rate:.2f})\n{long_server.log()[-2000:]}"
-    assert idle < 4, f"the server went idle only {idle:.1f} s after the client left"
+    assert idle < 2, f"the server went idle only {idle:.1f} s after the client left"
     # Its worker is free again: a new request is served at once, not after the abandoned sentence.
     started = time.perf_counter()
     r = httpx.post(long_server.url + "/api/tts/batch", json={"text": "Hola.", "voice_sample": "long_voice"}, timeout=120)

@@ -190,7 +190,7 @@ class TTSService:
                     return engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
                                          plan=self.plan, cancel=job.cancel)
 
-                async for chunk in pool.iterate(run):
+                async for chunk in pool.iterate(run, job.cancel):
                     if stats.first_audio_s is None:
                         stats.first_audio_s = time.perf_counter() - stats.started
                     stats.audio_samples += len(chunk)

@@ -82,7 +82,7 @@ class VoiceStore:
             raise InvalidVoiceName("The voice name is empty.", "Give the file name of a clip in the voices directory.")
         name = name.strip()
         bad = (
-            len(name) > 255
+            len(name.encode("utf-8", "surrogatepass")) > 255  # the filesystem counts bytes (ENAMETOOLONG)
             or any(unicodedata.category(c)[0] == "C" for c in name)  # NUL and other control characters
             or "/" in name or "\\" in name
             or name.startswith(".")

@@ -8,6 +8,7 @@ Order, outermost first: request context -> CORS -> API key -> body limit -> rout
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import secrets
@@ -41,8 +42,23 @@ def route_path(scope: Scope) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
+def printable(text: str | None, limit: int = 300) -> str | None:
+    """A path from the URL, safe for a log line: control characters (%0A...) escaped, length capped."""
+    if text is None:
+        return None
+    text = text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _value(value: object) -> str:
+    """key=value text: values with spaces, quotes or '=' are JSON-quoted, so a line parses one way only."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ' "=') or not text else text
+
+
 def route_label(scope: Scope) -> str:
-    """The matched route's template (`/api/voices/{name}`), never the raw path: bounded label values."""
+    """The matched route's template (`/api/voices/{name}`), never the raw path: bounded label values.
+    Requests that no route handled (404, or refused before routing: 401, 413) count as "unmatched"."""
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"
 
@@ -106,7 +122,7 @@ class RequestContextMiddleware:
         fields = {
             "request_id": record.request_id,
             "method": scope.get("method"),
-            "path": scope.get("path"),
+            "path": printable(scope.get("path")),
             "route": route,
             "status": status,
             "voice": record.voice,
@@ -118,7 +134,7 @@ class RequestContextMiddleware:
             "client": client[0] if client else None,
             **record.extra,
         }
-        message = "request " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        message = "request " + " ".join(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
         access_log.log(level, message, extra=fields)
 

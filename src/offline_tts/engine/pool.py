@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -72,11 +73,12 @@ class EnginePool(Generic[E]):
         async with self.worker() as engine:
             return await asyncio.to_thread(fn, engine)
 
-    async def iterate(self, fn: Callable[[E], Iterator[T]]) -> AsyncIterator[T]:
+    async def iterate(self, fn: Callable[[E], Iterator[T]], cancel: threading.Event | None = None) -> AsyncIterator[T]:
         """Run the generator `fn(engine)` in a thread on a free worker, yielding its items as they come.
 
         The worker is held until the generator is exhausted or this iterator is closed; the thread
-        stops at its next item once the consumer is gone (callers pass a cancel event to stop sooner).
+        stops at its next item once the consumer is gone, or sooner through `cancel` (set here when the
+        consumer leaves early), which the generator checks between its own steps.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -96,16 +98,20 @@ class EnginePool(Generic[E]):
 
         async with self.worker() as engine:
             task = asyncio.ensure_future(asyncio.to_thread(produce, engine))
+            finished = False
             try:
                 while True:
                     item = await queue.get()
                     if item is _DONE:
+                        finished = True
                         break
                     if isinstance(item, BaseException):
                         raise item
                     yield item
             finally:
                 stop = True
+                if not finished and cancel is not None:
+                    cancel.set()  # the consumer left (e.g. a client disconnected): stop now, not at the next item
                 # The worker must not be handed to anyone else while the thread still uses it. Starlette
                 # cancels a disconnected response through anyio, which re-cancels at every await: shield it.
                 with anyio.CancelScope(shield=True):

@@ -1,0 +1,1 @@
+"""Benchmarks and load tests (dev tools; never run in CI)."""

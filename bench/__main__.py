@@ -1,0 +1,303 @@
+"""`python -m bench [--quick] [--out FILE]`: the service's benchmark on the full-size random-weight model.
+
+Everything is measured in one run on this machine, so ratios compare like with like: the engine
+alone (in-process), coqui-tts's own `Xtts.inference_stream` ("before"), then the real server through
+HTTP. Prints one table and writes it, with every figure, as JSON. A dev tool: never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .common import MODEL_DIR, ROOT, TOKENS_PER_SECOND, Timer, ensure_model, log, prepare_voices
+from .report import Row, fmt, render, verdict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much each part measures (full: ~10 min on 2 CPU cores; quick: under 3)."""
+
+    short_tokens: int  # "about 10 s" of audio (one sentence)
+    long_tokens: int | None  # "about 30 s" (one sentence: the model's 600-token maximum is 27.9 s)
+    before_long: bool  # coqui's inference_stream at the long length too (quadratic: the slowest part)
+    ttfa_repeats: int
+    ttfa_sentences: int
+    concurrency_requests: int  # per client
+    concurrency_tokens: int
+    memory_requests: int
+    cpu_tokens: int
+    cpu_rounds: int
+    restart: bool  # restart the server for the voice cache's "first use after a restart"
+    sweep: bool
+
+
+FULL = Plan(short_tokens=216, long_tokens=600, before_long=True, ttfa_repeats=3, ttfa_sentences=10,
+            concurrency_requests=1, concurrency_tokens=42, memory_requests=100, cpu_tokens=24, cpu_rounds=2,
+            restart=True, sweep=True)
+QUICK = Plan(short_tokens=108, long_tokens=None, before_long=False, ttfa_repeats=2, ttfa_sentences=10,
+             concurrency_requests=1, concurrency_tokens=42, memory_requests=20, cpu_tokens=12, cpu_rounds=1,
+             restart=False, sweep=False)
+MAX_TOKENS = 600  # per sentence on the server: the text's length sets each request's token count below it
+
+
+def secs(tokens: int | None) -> str:
+    return "-" if tokens is None else f"{tokens / TOKENS_PER_SECOND:.1f} s"
+
+
+# -- the two halves -------------------------------------------------------------------------------
+
+def run_engine(settings, voices, workdir: Path, plan: Plan) -> dict:
+    from .engine_bench import EngineBench, sweep_plans
+
+    log.info("[engine] loading the model in-process...")
+    bench = EngineBench(settings)
+    out: dict = {"load_s": round(bench.load_s, 1), "device": bench.engine.device, "threads": bench.threads,
+                 "plan": asdict(bench.plan)}
+    log.info("[engine] loaded in %.1f s on %s, %d torch thread(s); conditioning...", bench.load_s, bench.engine.device, bench.threads)
+    out["conditioning"] = bench.measure_conditioning(voices, workdir / "engine-cache")
+    bench.stream(9)  # warm-up (lazy initialisation), as the service does at load
+    log.info("[engine] stream of %d tokens (%s)...", plan.short_tokens, secs(plan.short_tokens))
+    alone, trace, reference = bench.engine_alone(plan.short_tokens)
+    out["alone"] = alone
+    if plan.sweep:
+        log.info("[engine] stream plans on the recorded latents...")
+        out["plans"] = bench.plan_sweep(trace, reference, sweep_plans(bench.plan))
+    out["before"] = {}
+    for tokens in [plan.short_tokens] + ([plan.long_tokens] if plan.before_long and plan.long_tokens else []):
+        log.info("[engine] before: coqui inference_stream, %d tokens (%s)...", tokens, secs(tokens))
+        out["before"][str(tokens)] = bench.coqui_stream(tokens)
+    if bench.engine.device == "cpu":
+        log.info("[engine] CPU modes (threads, inference_mode, int8)...")
+        out["cpu_modes"] = bench.cpu_modes(plan.cpu_tokens, plan.cpu_rounds)
+    bench.close()
+    return out
+
+
+def run_http(settings, voices, workdir: Path, plan: Plan) -> dict:
+    from . import http_bench as h
+
+    env = {"TTS_MODEL_DIR": str(settings.model_dir), "TTS_VOICES_DIR": str(voices.dir),
+           "TTS_CACHE_DIR": str(workdir / "server-cache"), "TTS_MAX_AUDIO_TOKENS": str(MAX_TOKENS),
+           "TTS_GREEDY": "true", "TTS_DEVICE": settings.device, "TTS_WORKERS": "1",
+           "TTS_TORCH_THREADS": str(settings.torch_threads)}
+    server = h.Server(workdir, env)
+    out: dict = {}
+    log.info("[http] starting the server...")
+    try:
+        out["load_s"] = round(server.start(), 1)
+        out["rss_after_load_mb"] = server.rss_mb()
+        with server.client() as client:  # the synthesis voice's first use (conditioning), not timed below
+            first = h.stream(server, client, "Hola.", voices.speaker, first_audio_only=True)
+        out["first_request_ttfa_s"] = round(first.ttfa_s, 3) if first.ok else None
+        h.settle()
+        log.info("[http] time to first audio, 1 vs %d sentences...", plan.ttfa_sentences)
+        out["ttfa"] = h.ttfa(server, voices.speaker, 390, plan.ttfa_sentences, plan.ttfa_repeats)
+        out["stream_vs_batch"] = {}
+        for tokens in filter(None, (plan.short_tokens, plan.long_tokens)):
+            log.info("[http] stream vs batch, %d tokens (%s)...", tokens, secs(tokens))
+            out["stream_vs_batch"][str(tokens)] = h.stream_vs_batch(server, voices.speaker, tokens)
+        out["concurrency"] = []
+        for clients in (1, 2, 4):
+            log.info("[http] %d concurrent streaming client(s)...", clients)
+            out["concurrency"].append(h.concurrency(server, voices.speaker, clients, plan.concurrency_requests,
+                                                    plan.concurrency_tokens))
+        log.info("[http] voice cache (%s)...", voices.mp3)
+        cache = {"first_use_ms": h.set_default_voice(server, voices.mp3)}
+        cache["repeat_ms"] = min(h.set_default_voice(server, voices.mp3) for _ in range(3))
+        h.set_default_voice(server, voices.speaker)  # so the restart does not pre-load the MP3 voice
+        out["voice_cache_http"] = cache
+        log.info("[http] requests up to %d (memory)...", plan.memory_requests)
+        h.top_up(server, voices.speaker, plan.memory_requests)
+        out["memory"] = {"requests": server.requests, "rss_after_load_mb": out["rss_after_load_mb"],
+                         "rss_after_requests_mb": server.rss_mb()}
+        out["metrics"] = h.metrics_snapshot(server)
+        server.stop()
+        if plan.restart:
+            log.info("[http] restart: first use of %s after a restart...", voices.mp3)
+            out["restart_load_s"] = round(server.start(), 1)
+            cache["after_restart_ms"] = h.set_default_voice(server, voices.mp3)
+            cache["repeat_after_restart_ms"] = h.set_default_voice(server, voices.mp3)
+            out["memory"]["rss_after_restart_mb"] = server.rss_mb()
+    finally:
+        server.stop()
+    return out
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+def ratio(a, b) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def build_table(results: dict, plan: Plan) -> str:
+    engine, http = results.get("engine", {}), results.get("http", {})
+    sections: list[tuple[str, list[Row]]] = []
+    alone = engine.get("alone", {})
+    before = engine.get("before", {})
+    b_short = before.get(str(plan.short_tokens), {})
+    if engine:
+        cond = engine["conditioning"]
+        sections.append((f"engine alone, in-process ({engine['device']}, {engine['threads']} thread(s), "
+                         f"{alone.get('tokens')} tokens = {alone.get('audio_s')} s of audio)", [
+            Row("model load", after=fmt(engine["load_s"], " s", 1)),
+            Row(f"conditioning ({cond['speaker_clip_s']} s clip)", after=fmt(cond["compute_conditioning_ms"], " ms", 0)),
+            Row("GPT, per audio token (steady state)", after=fmt(alone.get("ms_per_token"), " ms", 1)),
+            Row("GPT, first step (prompt)", after=fmt(alone.get("gpt_first_step_s"), " s", 3)),
+            Row("HiFi-GAN, one shot (real-time factor)", after=f"{fmt(alone.get('hifigan_one_shot_s'), ' s')} ({fmt(alone.get('hifigan_rtf'), '', 3)})"),
+            Row("HiFi-GAN, streamed in chunks", before=fmt(None), after=fmt(alone.get("hifigan_s"), " s")),
+            Row("stream real-time factor (total / audio)", before=fmt(b_short.get("rtf"), "", 3), after=fmt(alone.get("rtf"), "", 3)),
+            Row("first chunk (engine)", before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui, 20 tokens)",
+                after=fmt(alone.get("first_chunk_s"), " s", 3)),
+            Row("streamed vs one-shot audio: SNR / worst seam", after=f"{fmt(alone.get('stream_vs_one_shot_snr_db'), ' dB', 1)} / "
+                f"{fmt(alone.get('worst_seam_snr_db'), ' dB', 1)}"),
+        ]))
+
+    svb = http.get("stream_vs_batch", {})
+    rows = []
+    for tokens in filter(None, (plan.short_tokens, plan.long_tokens)):
+        s, b = svb.get(str(tokens), {}), before.get(str(tokens), {})
+        target = tokens == (plan.long_tokens or plan.short_tokens)
+        after = s.get("stream_over_batch")
+        rows.append(Row(f"stream total / batch total, {secs(tokens)}",
+                        before=fmt(ratio(b.get("total_s"), s.get("batch_total_s")), "", 2) if b else "not run",
+                        after=fmt(after, "", 3), goal="<= 1.10" if target else "",
+                        verdict=verdict(after <= 1.10) if target and after is not None else ""))
+        rows.append(Row(f"  stream total (batch {fmt(s.get('batch_total_s'), ' s', 1)})",
+                        before=fmt(b.get("total_s"), " s", 1) if b else "not run", after=fmt(s.get("stream_total_s"), " s", 1)))
+    sections.append(("goal 1: streaming cost linear in length (HTTP; before = coqui inference_stream in-process)", rows))
+
+    ttfa = http.get("ttfa", {})
+    t1 = ttfa.get("ttfa_s", {}).get("1")
+    tn = ttfa.get("ttfa_s", {}).get(str(plan.ttfa_sentences))
+    engine_first = alone.get("first_chunk_s")
+    r_engine, r_len = ratio(t1, engine_first), ratio(tn, t1)
+    sections.append(("goal 2: first audio early (HTTP /api/tts/stream, first byte after the WAV header)", [
+        Row("time to first audio, 1 sentence", before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui first chunk)",
+            after=fmt(t1, " s", 3)),
+        Row("engine's own first chunk", after=fmt(engine_first, " s", 3)),
+        Row("HTTP TTFA / engine first chunk", after=fmt(r_engine, "", 3), goal="<= 1.10",
+            verdict=verdict(r_engine <= 1.10) if r_engine else ""),
+        Row(f"TTFA {plan.ttfa_sentences} sentences / 1 sentence", after=f"{fmt(r_len, '', 3)} ({fmt(tn, ' s', 3)})", goal="<= 1.10",
+            verdict=verdict(r_len <= 1.10) if r_len else ""),
+    ]))
+
+    cond = engine.get("conditioning", {})
+    cache_http = http.get("voice_cache_http", {})
+    first = cond.get("cache_first_use_ms")
+    repeat, restart = cond.get("cache_repeat_ms"), cond.get("cache_first_use_after_restart_ms")
+    sections.append((f"goal 3: voice cache ({cond.get('mp3_clip', 'MP3 clip')}; before = no cache: every use pays the first-use cost)", [
+        Row("conditioning, first use (decode + compute + store)", before=fmt(first, " ms", 0), after=fmt(first, " ms", 0)),
+        Row("conditioning, repeat use", before=fmt(first, " ms", 0), after=fmt(repeat, " ms", 2), goal="< 5 ms",
+            verdict=verdict(repeat < 5) if repeat is not None else ""),
+        Row("conditioning, first use after a restart", before=fmt(first, " ms", 0), after=fmt(restart, " ms", 2), goal="< 5 ms",
+            verdict=verdict(restart < 5) if restart is not None else ""),
+        Row("HTTP POST /api/config round trip: first / repeat / after restart",
+            after=" / ".join(fmt(cache_http.get(k), " ms", 1) for k in ("first_use_ms", "repeat_ms", "after_restart_ms"))),
+    ]))
+
+    conc = {c["clients"]: c for c in http.get("concurrency", [])}
+    rows = []
+    for n, c in conc.items():
+        rows.append(Row(f"{n} client(s): TTFA p50 / p95, throughput, errors",
+                        after=f"{fmt(c['ttfa_p50_s'], ' s')} / {fmt(c['ttfa_p95_s'], ' s')}, "
+                              f"{fmt(c['throughput_audio_s_per_s'], ' audio s/s', 3)}, {c['errors']}"))
+    if 1 in conc and 4 in conc:
+        r4 = ratio(conc[4]["throughput_audio_s_per_s"], conc[1]["throughput_audio_s_per_s"])
+        rows.append(Row("4 clients: throughput / 1 client's", after=fmt(r4, "", 3), goal=">= 0.90, 0 errors",
+                        verdict=verdict(r4 is not None and r4 >= 0.90 and conc[4]["errors"] == 0)))
+    sections.append((f"goal 4: concurrency (1 worker, {plan.concurrency_tokens} tokens per request)", rows))
+
+    cpu = engine.get("cpu_modes")
+    if cpu:
+        variants = cpu["variants"]
+        default = next(iter(v for k, v in variants.items() if k.startswith(f"fp32, {cpu['default_threads']} thread(s), inference_mode")))
+        best = min(variants.items(), key=lambda kv: kv[1]["rtf"])
+        rows = [Row(name, after=f"RTF {fmt(v['rtf'], '', 3)}, GPT {fmt(v['ms_per_token'], ' ms/token', 1)}, "
+                                f"HiFi-GAN {fmt(v['hifigan_s'], ' s')}") for name, v in variants.items()]
+        rows.append(Row("best real-time factor", before=f"{fmt(default['rtf'], '', 3)} (torch default)",
+                        after=f"{fmt(best[1]['rtf'], '', 3)} ({best[0]})"))
+        sections.append((f"goal 5: CPU modes ({cpu['tokens']} tokens; best of {len(default['rtf_runs'])}; int8 quality not judged: random weights)", rows))
+
+    device = engine.get("device") or http.get("device")
+    sections.append(("goal 6: GPU", [Row("CUDA, fp16 GPT", after="not measured" if device != "cuda" else "see engine rows",
+                                         goal="measured on a GPU", verdict="" if device == "cuda" else "open")]))
+
+    mem = http.get("memory", {})
+    sections.append(("memory (server RSS)", [
+        Row("after load", after=fmt(mem.get("rss_after_load_mb"), " MB", 0)),
+        Row(f"after {mem.get('requests', '?')} requests", after=fmt(mem.get("rss_after_requests_mb"), " MB", 0),
+            goal="" if mem.get("requests", 0) >= 100 else "(fewer than 100: --quick)"),
+        Row("after a restart", after=fmt(mem.get("rss_after_restart_mb"), " MB", 0)),
+    ]))
+
+    plans = engine.get("plans")
+    if plans:
+        sections.append(("stream plans (same tokens replayed; HiFi-GAN real, GPT time as recorded)", [
+            Row(name, after=f"first {fmt(p['first_chunk_s'], ' s', 3)}, total {fmt(p['total_s'], ' s')}, "
+                            f"HiFi-GAN {fmt(p['hifigan_s'], ' s')}, worst seam {fmt(p['worst_seam_snr_db'], ' dB', 1)}")
+            for name, p in plans.items()]))
+    return render(sections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter audio and fewer requests (under 3 minutes)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench.json", help="JSON output file")
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="full-size random model (built here if missing)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: TTS_DEVICE or auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: TTS_TORCH_THREADS)")
+    parser.add_argument("--only", choices=["engine", "http"], help="run one half only")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs, caches)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    plan = QUICK if args.quick else FULL
+
+    from offline_tts.config import Settings
+
+    timer = Timer()
+    model_dir = ensure_model(args.model_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="tts-bench-"))
+    overrides = {"model_dir": model_dir, "greedy": True, "max_audio_tokens": MAX_TOKENS}
+    if args.device:
+        overrides["device"] = args.device
+    if args.threads is not None:
+        overrides["torch_threads"] = args.threads
+    settings = Settings(**overrides)
+    results: dict = {"meta": {"mode": "quick" if args.quick else "full", "plan": asdict(plan),
+                              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                          "python": platform.python_version()},
+                              "model_dir": str(model_dir), "torch_threads_setting": settings.torch_threads}}
+    try:
+        voices = prepare_voices(workdir)
+        results["meta"]["voices"] = asdict(voices) | {"dir": str(voices.dir)}
+        if args.only in (None, "engine"):
+            results["engine"] = run_engine(settings, voices, workdir, plan)
+        if args.only in (None, "http"):
+            results["http"] = run_http(settings, voices, workdir, plan)
+    finally:
+        results["meta"]["wall_s"] = round(timer(), 1)
+        if args.keep:
+            log.info("work directory kept: %s", workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = build_table(results, plan)
+    results["table"] = table.splitlines()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(table)
+    print(f"\n{results['meta']['mode']} run: {results['meta']['wall_s']:.0f} s; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
