@@ -24,7 +24,12 @@ log = logging.getLogger(__name__)
 
 def xtts_factory(settings: Settings) -> EngineFactory:
     def build():
+        import torch  # imported here, in the loading thread, so the port opens without waiting for torch
+
         from .engine.xtts import XttsEngine
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
 
         return XttsEngine(
             settings.model_dir, settings.device, max_audio_tokens=settings.max_audio_tokens, half=settings.half,
@@ -49,11 +54,6 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.torch_threads:
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
-
         async def start() -> None:
             try:
                 if engine_factory is None:
