@@ -190,6 +190,9 @@ def test_client_disconnect_stops_ffmpeg_and_generation(server, client):
             model="tts-1", voice="ana", input=text, response_format=fmt
         ) as response:
             next(response.iter_bytes())
+            seen = time.monotonic() + 10  # the encoder runs while the stream is open (poll: process listing is racy)
+            while not any(c.name() == "ffmpeg" for c in proc.children()) and time.monotonic() < seen:
+                time.sleep(0.05)
             assert any(c.name() == "ffmpeg" for c in proc.children())
         deadline = time.monotonic() + 60
         while any(c.name() == "ffmpeg" for c in proc.children()) and time.monotonic() < deadline:
