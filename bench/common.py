@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import statistics
 import subprocess
@@ -33,12 +35,33 @@ class Voices:
     source: str  # "shared" (real recordings) or "generated"
 
 
+NO_STOP_MARKER = "BENCH_NO_STOP.json"
+
+
 def ensure_model(path: Path = MODEL_DIR) -> Path:
     """The full-size random-weight checkpoint, built once (~20-60 s, 1.9 GB) and kept in .cache/."""
     if not all((path / f).is_file() for f in REQUIRED):
         log.info("Building the full-size random-weight model in %s (once)...", path)
         subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "full", "--force"], check=True)
+    if not (path / NO_STOP_MARKER).is_file():
+        disable_stop_token(path)
     return path
+
+
+def disable_stop_token(path: Path) -> None:
+    """Make the random model unable to emit the audio STOP token, so every request generates exactly its
+    capped number of tokens. Random weights rarely sample STOP, but greedy decoding (used here so that
+    repeated runs give the same tokens) does hit it on some texts. Costs nothing per token: one bias."""
+    import torch
+
+    log.info("Disabling the STOP token of the benchmark model (once)...")
+    stop = json.loads((path / "config.json").read_text())["model_args"]["gpt_stop_audio_token"]
+    checkpoint = torch.load(path / "model.pth", map_location="cpu", weights_only=True)
+    checkpoint["model"]["gpt.mel_head.bias"][stop] = -1e4
+    tmp = path / "model.pth.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path / "model.pth")
+    (path / NO_STOP_MARKER).write_text(json.dumps({"gpt.mel_head.bias": {str(stop): -1e4}}) + "\n")
 
 
 def _generate_clip(path: Path, seconds: float, freq: int) -> None:

@@ -158,17 +158,19 @@ class EngineBench:
         async def compute(fn):
             return await asyncio.to_thread(fn, engine)
 
-        def use(cache: VoiceCache) -> float:
+        async def use(cache: VoiceCache) -> float:
             timer = Timer()
-            asyncio.run(cache.get(voice, engine, compute))
+            await cache.get(voice, engine, compute)
             return 1000 * timer()
 
-        cache = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)
-        first = use(cache)
-        repeats = [use(cache) for _ in range(5)]
-        restarted = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)  # a new process: empty memory
-        after_restart = use(restarted)
-        after_restart_repeat = use(restarted)
+        async def measure() -> tuple[float, list[float], float, float]:
+            cache = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)
+            first = await use(cache)
+            repeats = [await use(cache) for _ in range(5)]
+            restarted = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)  # a new process: empty memory
+            return first, repeats, await use(restarted), await use(restarted)
+
+        first, repeats, after_restart, after_restart_repeat = asyncio.run(measure())
         return {
             "speaker_clip": voices.speaker, "speaker_clip_s": round(len(clip) / engine.conditioning_sample_rate, 1),
             "compute_conditioning_ms": round(raw_ms, 1),
@@ -198,6 +200,8 @@ class EngineBench:
             total = timer() + (trace.gpt_s if replay is not None else 0.0)
         samples = sum(map(len, chunks))
         audio_s = samples / engine.sample_rate
+        if len(trace.token_s) != tokens:
+            log.warning("asked for %d tokens, got %d (the model emitted STOP?)", tokens, len(trace.token_s))
         return {
             "tokens": len(trace.token_s), "audio_s": round(audio_s, 2), "first_chunk_s": round(first, 3),
             "total_s": round(total, 2), "chunks": len(chunks),
@@ -207,6 +211,18 @@ class EngineBench:
             "hifigan_s": round(trace.vocode_s, 2), "hifigan_calls": trace.vocode_calls,
             "rtf": round(total / audio_s, 3),
         }, trace, chunks
+
+    def first_chunk(self, tokens: int, repeats: int) -> dict:
+        """The engine's own time to its first chunk (median of `repeats`; generation stops after it)."""
+        engine = self.engine
+        engine.max_audio_tokens = tokens
+        times = []
+        for _ in range(repeats):
+            timer = Timer()
+            for _chunk in engine.stream(text_for_tokens(tokens), LANGUAGE, self.conditioning, plan=self.plan):
+                times.append(timer())
+                break
+        return {"first_chunk_s": round(float(np.median(times)), 3), "runs_s": [round(t, 3) for t in times]}
 
     def one_shot_decode(self, trace: Trace) -> tuple[float, np.ndarray]:
         """HiFi-GAN over all latents at once (what a batch request does): seconds, audio."""
@@ -343,11 +359,6 @@ def sweep_plans(default: StreamPlan) -> dict[str, StreamPlan]:
         plans["fixed 24 (no doubling)"] = r(default, chunk_tokens=24, max_chunk_tokens=24)
         plans["max chunk 192"] = r(default, max_chunk_tokens=192)
     return plans
-
-
-def coqui_is_quadratic_note(before: dict, after: dict) -> str:
-    return (f"coqui re-decodes all latents at every chunk: {before['chunks']} chunks; "
-            f"ours decodes each chunk plus {after.get('context_tokens', '?')} tokens of context")
 
 
 def audio_tokens_for(seconds: float) -> int:

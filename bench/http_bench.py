@@ -17,7 +17,7 @@ import psutil
 
 from offline_tts.audio import wav_header
 
-from .common import BIN, LANGUAGE, Timer, log, median, multi_sentence_text, pct, text_for_tokens
+from .common import BIN, LANGUAGE, TOKENS_PER_SECOND, Timer, log, median, multi_sentence_text, pct, text_for_tokens
 
 HEADER_BYTES = len(wav_header(24_000))
 BYTES_PER_SECOND = 24_000 * 2  # PCM16 mono at 24 kHz
@@ -53,7 +53,8 @@ class Server:
         self.requests = 0
         while timer() < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+                tail = self.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
             try:
                 if httpx.get(self.url + "/", timeout=5).json().get("model") == "ready":
                     return timer()
@@ -167,6 +168,8 @@ def stream_vs_batch(server: Server, voice: str, tokens: int) -> dict:
     for r in (s, b):
         if not r.ok:
             raise RuntimeError(f"request failed: {r.status} {r.error}")
+        if abs(r.audio_s - tokens / TOKENS_PER_SECOND) > 0.1:
+            log.warning("asked for %d tokens (%.2f s), got %.2f s of audio", tokens, tokens / TOKENS_PER_SECOND, r.audio_s)
     return {"tokens": tokens, "audio_s": round(s.audio_s, 2), "batch_audio_s": round(b.audio_s, 2),
             "stream_ttfa_s": round(s.ttfa_s, 3), "stream_total_s": round(s.total_s, 2), "batch_total_s": round(b.total_s, 2),
             "stream_over_batch": round(s.total_s / b.total_s, 3)}

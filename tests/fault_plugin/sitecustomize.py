@@ -22,7 +22,6 @@ import io
 import os
 import sys
 import time
-from pathlib import Path
 
 
 def _inside(path, root: str) -> bool:
