@@ -41,6 +41,13 @@ class VoiceStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()  # one commit or delete at a time
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Staging folders of uploads/deletes cut short by a crash (hidden, never read): no one owns them at startup."""
+        for leftover in [*self.root.glob(".upload-*"), *self.root.glob(".delete-*")]:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
 
     @property
     def real_root(self) -> Path:
