@@ -23,13 +23,13 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path("cache"), description="Decoded clips, voice conditioning latents and the saved defaults")
 
     # Server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 to accept other machines; the Docker image does)")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(False, description="One JSON object per log line")
 
     # Model
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when CUDA is available, else the CPU")
     language: str = Field("es", description="Default language when neither the request nor /api/config gives one")
     accept_license: bool = Field(False, description="Accept the Coqui Public Model License so the model may be downloaded")
     model_url: str = Field(DEFAULT_MODEL_URL, description="Where the XTTS-v2 files are downloaded from")
@@ -37,10 +37,10 @@ class Settings(BaseSettings):
     max_audio_tokens: int | None = Field(None, ge=1, description="Absolute cap of audio tokens generated per sentence")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
     half: bool = Field(True, description="Half precision (fp16) for the GPT on CUDA")
-    temperature: float = Field(0.75, gt=0)
-    top_k: int = Field(50, ge=1)
-    top_p: float = Field(0.85, gt=0, le=1)
-    repetition_penalty: float = Field(10.0, gt=0)
+    temperature: float = Field(0.75, gt=0, description="Sampling temperature of the GPT (XTTS default)")
+    top_k: int = Field(50, ge=1, description="Top-k sampling (XTTS default)")
+    top_p: float = Field(0.85, gt=0, le=1, description="Nucleus sampling (XTTS default)")
+    repetition_penalty: float = Field(10.0, gt=0, description="Repetition penalty (XTTS default)")
     greedy: bool = Field(False, description="Greedy decoding (deterministic output; for tests)")
     seed: int | None = Field(None, description="Seed torch's RNG before each sentence (reproducible output)")
 
