@@ -11,8 +11,8 @@ from fastapi import FastAPI
 from . import __version__
 from .api import native, ops
 from .api import openai as openai_api
-from .api import voices as voices_api
 from .api import ui as ui_page
+from .api import voices as voices_api
 from .api.errors import install_error_handlers
 from .api.middleware import install_middleware
 from .config import Settings, get_settings

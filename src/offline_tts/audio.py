@@ -7,17 +7,16 @@ ffmpeg/ffprobe run as subprocesses: they read every container and codec users th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InvalidAudio
+from .fileio import atomic_write
 
 OUTPUT_SAMPLE_RATE = 24_000  # XTTS-v2 speaks at 24 kHz
 IDEAL_CLIP = "The ideal reference clip is 5-15 s of one speaker talking clearly, without music or noise."
@@ -93,20 +92,11 @@ def check_clip(audio: np.ndarray, sample_rate: int, name: str, min_seconds: floa
 
 
 def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    """Write mono PCM16 WAV via a temporary file + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".wav")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pcm = to_pcm16(audio)
-            f.write(wav_header(sample_rate, len(pcm)))
-            f.write(pcm)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write mono PCM16 WAV atomically, so readers never see half a file."""
+    pcm = to_pcm16(audio)
+    with atomic_write(path) as f:
+        f.write(wav_header(sample_rate, len(pcm)))
+        f.write(pcm)
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:

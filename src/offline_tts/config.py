@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
 
 
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", env_file=".env", extra="ignore")
 

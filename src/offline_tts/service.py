@@ -22,7 +22,15 @@ from .config import Settings
 from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
 from .engine.pool import EnginePool
-from .errors import InvalidText, ModelNotReady, NoVoice, SynthesisFailed, TextTooLong, TTSError, UnsupportedLanguage
+from .errors import (
+    InvalidText,
+    ModelNotReady,
+    NoVoice,
+    SynthesisFailed,
+    TextTooLong,
+    TTSError,
+    UnsupportedLanguage,
+)
 from .voice_cache import VoiceCache
 from .voices import Voice, VoiceStore
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 
 from . import audio
 from .engine.base import Conditioning, SpeechEngine
+from .fileio import atomic_write
 from .voices import Voice
 
 log = logging.getLogger(__name__)
@@ -147,16 +146,8 @@ class VoiceCache:
 
     def _store(self, engine: SpeechEngine, conditioning: Conditioning, path: Path) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-            os.close(fd)
-            try:
-                engine.save_conditioning(conditioning, Path(tmp))
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with atomic_write(path) as f:
+                engine.save_conditioning(conditioning, f)
         except OSError as exc:
             log.warning("Voice cache not written to %s (%s); the voice stays cached in memory", path, exc)
 
@@ -192,10 +183,7 @@ class VoiceCache:
     @staticmethod
     def _save_decoded(path: Path, clip: np.ndarray) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_write(path) as f:
                 np.save(f, clip, allow_pickle=False)
-            os.replace(tmp, path)
         except OSError as exc:
             log.warning("Decoded clip not cached at %s (%s)", path, exc)

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class SpeechEngine(Protocol):
 
     def compute_conditioning(self, clips: list[np.ndarray]) -> Conditioning: ...
 
-    def save_conditioning(self, conditioning: Conditioning, path: Path) -> None: ...
+    def save_conditioning(self, conditioning: Conditioning, target: BinaryIO) -> None: ...
 
     def load_conditioning(self, path: Path) -> Conditioning: ...
 

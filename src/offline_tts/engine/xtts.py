@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -100,7 +101,6 @@ class XttsEngine:
         self.model_id = model_fingerprint(model_dir)
         self.sample_rate = int(config.model_args.output_sample_rate)
         self.languages = tuple(config.languages)
-        args = config.model_args
         self.model_max_tokens = int(model.gpt.max_gen_mel_tokens)
         self.max_audio_tokens = max_audio_tokens
         self.half = half and self.device == "cuda"
@@ -145,8 +145,8 @@ class XttsEngine:
             speaker = torch.stack(embeddings).mean(dim=0)
         return Conditioning(self.model_id, {"gpt_cond_latent": gpt_latent.cpu(), "speaker_embedding": speaker.cpu()})
 
-    def save_conditioning(self, conditioning: Conditioning, path: Path) -> None:
-        torch.save({"model_id": conditioning.model_id, **conditioning.data}, path)
+    def save_conditioning(self, conditioning: Conditioning, target: BinaryIO) -> None:
+        torch.save({"model_id": conditioning.model_id, **conditioning.data}, target)
 
     def load_conditioning(self, path: Path) -> Conditioning:
         data = torch.load(path, map_location="cpu", weights_only=True)
