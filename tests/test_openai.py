@@ -193,7 +193,8 @@ def test_client_disconnect_stops_ffmpeg_and_generation(server, client):
             seen = time.monotonic() + 10  # the encoder runs while the stream is open (poll: process listing is racy)
             while not any(c.name() == "ffmpeg" for c in proc.children()) and time.monotonic() < seen:
                 time.sleep(0.05)
-            assert any(c.name() == "ffmpeg" for c in proc.children())
+            assert any(c.name() == "ffmpeg" for c in proc.children()), (
+                [(c.name(), c.cmdline()[:3]) for c in proc.children()], dict(response.headers), server.log()[-3000:])
         deadline = time.monotonic() + 60
         while any(c.name() == "ffmpeg" for c in proc.children()) and time.monotonic() < deadline:
             time.sleep(0.05)
