@@ -15,10 +15,18 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .common import MODEL_DIR, ROOT, TOKENS_PER_SECOND, Timer, ensure_model, log, prepare_voices
+from .common import (
+    MODEL_DIR,
+    ROOT,
+    TOKENS_PER_SECOND,
+    Timer,
+    ensure_model,
+    log,
+    prepare_voices,
+)
 from .report import Row, fmt, render, verdict
 
 
@@ -28,24 +36,27 @@ class Plan:
 
     short_tokens: int  # "about 10 s" of audio (one sentence)
     long_tokens: int | None  # "about 30 s" (one sentence: the model's 600-token maximum is 27.9 s)
-    before_long: bool  # coqui's inference_stream at the long length too (quadratic: the slowest part)
+    measure_before_long: bool  # run coqui's inference_stream at the long length (~4 min: quadratic) instead of estimating it
+    ttfa_tokens: int  # the sentence used for time to first audio (130 characters)
     ttfa_repeats: int
     ttfa_sentences: int
+    concurrency_clients: tuple[int, ...]
     concurrency_requests: int  # per client
     concurrency_tokens: int
     memory_requests: int
     cpu_tokens: int
     cpu_rounds: int
+    cpu_no_grad: bool  # also time torch.no_grad against torch.inference_mode
     restart: bool  # restart the server for the voice cache's "first use after a restart"
     sweep: bool
 
 
-FULL = Plan(short_tokens=216, long_tokens=600, before_long=True, ttfa_repeats=3, ttfa_sentences=10,
-            concurrency_requests=1, concurrency_tokens=42, memory_requests=100, cpu_tokens=24, cpu_rounds=2,
-            restart=True, sweep=True)
-QUICK = Plan(short_tokens=108, long_tokens=None, before_long=False, ttfa_repeats=2, ttfa_sentences=10,
-             concurrency_requests=1, concurrency_tokens=42, memory_requests=20, cpu_tokens=12, cpu_rounds=1,
-             restart=False, sweep=False)
+FULL = Plan(short_tokens=216, long_tokens=600, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=3,
+            ttfa_sentences=10, concurrency_clients=(1, 2, 4), concurrency_requests=1, concurrency_tokens=42,
+            memory_requests=100, cpu_tokens=24, cpu_rounds=2, cpu_no_grad=True, restart=True, sweep=True)
+QUICK = Plan(short_tokens=108, long_tokens=None, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=2,
+             ttfa_sentences=10, concurrency_clients=(1, 4), concurrency_requests=1, concurrency_tokens=42,
+             memory_requests=20, cpu_tokens=8, cpu_rounds=1, cpu_no_grad=False, restart=False, sweep=False)
 MAX_TOKENS = 600  # per sentence on the server: the text's length sets each request's token count below it
 
 
@@ -68,17 +79,21 @@ def run_engine(settings, voices, workdir: Path, plan: Plan) -> dict:
     log.info("[engine] stream of %d tokens (%s)...", plan.short_tokens, secs(plan.short_tokens))
     alone, trace, reference = bench.engine_alone(plan.short_tokens)
     out["alone"] = alone
-    out["first_chunk"] = bench.first_chunk(plan.short_tokens, plan.ttfa_repeats)
+    out["first_chunk"] = bench.first_chunk(plan.ttfa_tokens, plan.ttfa_repeats)
     if plan.sweep:
         log.info("[engine] stream plans on the recorded latents...")
         out["plans"] = bench.plan_sweep(trace, reference, sweep_plans(bench.plan))
+    log.info("[engine] HiFi-GAN cost by length...")
+    lengths = [20] + ([plan.long_tokens] if plan.long_tokens else [])
+    out["hifigan_costs"] = {plan.short_tokens: alone["hifigan_one_shot_s"], **bench.hifigan_costs(trace, lengths)}
+    out["gpt"] = {"first_step_s": trace.token_s[0], "ms_per_token": trace.ms_per_token, "short_gpt_s": trace.gpt_s}
     out["before"] = {}
-    for tokens in [plan.short_tokens] + ([plan.long_tokens] if plan.before_long and plan.long_tokens else []):
+    for tokens in [plan.short_tokens] + ([plan.long_tokens] if plan.measure_before_long and plan.long_tokens else []):
         log.info("[engine] before: coqui inference_stream, %d tokens (%s)...", tokens, secs(tokens))
         out["before"][str(tokens)] = bench.coqui_stream(tokens)
     if bench.engine.device == "cpu":
         log.info("[engine] CPU modes (threads, inference_mode, int8)...")
-        out["cpu_modes"] = bench.cpu_modes(plan.cpu_tokens, plan.cpu_rounds)
+        out["cpu_modes"] = bench.cpu_modes(plan.cpu_tokens, plan.cpu_rounds, plan.cpu_no_grad)
     bench.close()
     return out
 
@@ -96,30 +111,36 @@ def run_http(settings, voices, workdir: Path, plan: Plan) -> dict:
     try:
         out["load_s"] = round(server.start(), 1)
         out["rss_after_load_mb"] = server.rss_mb()
+        rss_trace = [(0, out["rss_after_load_mb"])]  # (requests so far, RSS MB): growth that levels off is the allocator, not a leak
         with server.client() as client:  # the synthesis voice's first use (conditioning), not timed below
             first = h.stream(server, client, "Hola.", voices.speaker, first_audio_only=True)
         out["first_request_ttfa_s"] = round(first.ttfa_s, 3) if first.ok else None
         h.settle()
         log.info("[http] time to first audio, 1 vs %d sentences...", plan.ttfa_sentences)
-        out["ttfa"] = h.ttfa(server, voices.speaker, 390, plan.ttfa_sentences, plan.ttfa_repeats)
+        out["ttfa"] = h.ttfa(server, voices.speaker, plan.ttfa_tokens, plan.ttfa_sentences, plan.ttfa_repeats)
         out["stream_vs_batch"] = {}
         for tokens in filter(None, (plan.short_tokens, plan.long_tokens)):
             log.info("[http] stream vs batch, %d tokens (%s)...", tokens, secs(tokens))
             out["stream_vs_batch"][str(tokens)] = h.stream_vs_batch(server, voices.speaker, tokens)
+            rss_trace.append((server.requests, server.rss_mb()))
         out["concurrency"] = []
-        for clients in (1, 2, 4):
+        for clients in plan.concurrency_clients:
             log.info("[http] %d concurrent streaming client(s)...", clients)
             out["concurrency"].append(h.concurrency(server, voices.speaker, clients, plan.concurrency_requests,
                                                     plan.concurrency_tokens))
+        rss_trace.append((server.requests, server.rss_mb()))
         log.info("[http] voice cache (%s)...", voices.mp3)
         cache = {"first_use_ms": h.set_default_voice(server, voices.mp3)}
         cache["repeat_ms"] = min(h.set_default_voice(server, voices.mp3) for _ in range(3))
         h.set_default_voice(server, voices.speaker)  # so the restart does not pre-load the MP3 voice
         out["voice_cache_http"] = cache
         log.info("[http] requests up to %d (memory)...", plan.memory_requests)
+        h.top_up(server, voices.speaker, (server.requests + plan.memory_requests) // 2)
+        rss_trace.append((server.requests, server.rss_mb()))
         h.top_up(server, voices.speaker, plan.memory_requests)
+        rss_trace.append((server.requests, server.rss_mb()))
         out["memory"] = {"requests": server.requests, "rss_after_load_mb": out["rss_after_load_mb"],
-                         "rss_after_requests_mb": server.rss_mb()}
+                         "rss_after_requests_mb": rss_trace[-1][1], "rss_trace": rss_trace}
         out["metrics"] = h.metrics_snapshot(server)
         server.stop()
         if plan.restart:
@@ -130,6 +151,32 @@ def run_http(settings, voices, workdir: Path, plan: Plan) -> dict:
             out["memory"]["rss_after_restart_mb"] = server.rss_mb()
     finally:
         server.stop()
+    return out
+
+
+def before_estimates(results: dict, plan: Plan) -> dict:
+    """coqui's streaming total where it was not run (and at the short length, to check the estimate
+    against the measured figure): its GPT time + HiFi-GAN over all latents so far at every chunk."""
+    import numpy as np
+
+    from .engine_bench import estimate_coqui_total
+
+    engine, http = results.get("engine", {}), results.get("http", {})
+    if "hifigan_costs" not in engine:
+        return {}
+    costs = {int(k): v for k, v in engine["hifigan_costs"].items()}
+    gpt = engine["gpt"]
+    out = {str(plan.short_tokens): {"total_s": round(estimate_coqui_total(plan.short_tokens, gpt["short_gpt_s"], costs), 2),
+                                    "gpt_s_from": "in-process GPT time of the same tokens"}}
+    if plan.long_tokens:
+        n = plan.long_tokens
+        batch = http.get("stream_vs_batch", {}).get(str(n), {}).get("batch_total_s")
+        slope, intercept = np.polyfit(list(costs), list(costs.values()), 1)
+        if batch is not None:  # a batch request = GPT + one HiFi-GAN pass over everything
+            gpt_s, source = batch - (intercept + slope * n), "HTTP batch total minus its one-shot HiFi-GAN"
+        else:
+            gpt_s, source = gpt["first_step_s"] + gpt["ms_per_token"] / 1000 * (n - 1), "GPT ms/token x tokens"
+        out[str(n)] = {"total_s": round(estimate_coqui_total(n, gpt_s, costs), 2), "gpt_s_from": source}
     return out
 
 
@@ -156,25 +203,31 @@ def build_table(results: dict, plan: Plan) -> str:
             Row("HiFi-GAN, one shot (real-time factor)", after=f"{fmt(alone.get('hifigan_one_shot_s'), ' s')} ({fmt(alone.get('hifigan_rtf'), '', 3)})"),
             Row("HiFi-GAN, streamed in chunks", before=fmt(None), after=fmt(alone.get("hifigan_s"), " s")),
             Row("stream real-time factor (total / audio)", before=fmt(b_short.get("rtf"), "", 3), after=fmt(alone.get("rtf"), "", 3)),
-            Row("first chunk (engine)", before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui, 20 tokens)",
+            Row(f"first chunk (engine, {alone.get('text_chars')}-char sentence)",
+                before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui, 20 tokens)",
                 after=fmt(alone.get("first_chunk_s"), " s", 3)),
             Row("streamed vs one-shot audio: SNR / worst seam", after=f"{fmt(alone.get('stream_vs_one_shot_snr_db'), ' dB', 1)} / "
                 f"{fmt(alone.get('worst_seam_snr_db'), ' dB', 1)}"),
         ]))
 
     svb = http.get("stream_vs_batch", {})
+    estimates = results.get("before_estimate", {})
     rows = []
     for tokens in filter(None, (plan.short_tokens, plan.long_tokens)):
-        s, b = svb.get(str(tokens), {}), before.get(str(tokens), {})
+        s, b, est = svb.get(str(tokens), {}), before.get(str(tokens), {}), estimates.get(str(tokens), {})
         target = tokens == (plan.long_tokens or plan.short_tokens)
         after = s.get("stream_over_batch")
+        before_total = b.get("total_s") or est.get("total_s")
+        note = "" if b else " (est.)"
         rows.append(Row(f"stream total / batch total, {secs(tokens)}",
-                        before=fmt(ratio(b.get("total_s"), s.get("batch_total_s")), "", 2) if b else "not run",
+                        before=fmt(ratio(before_total, s.get("batch_total_s")), note, 2),
                         after=fmt(after, "", 3), goal="<= 1.10" if target else "",
                         verdict=verdict(after <= 1.10) if target and after is not None else ""))
-        rows.append(Row(f"  stream total (batch {fmt(s.get('batch_total_s'), ' s', 1)})",
-                        before=fmt(b.get("total_s"), " s", 1) if b else "not run", after=fmt(s.get("stream_total_s"), " s", 1)))
-    sections.append(("goal 1: streaming cost linear in length (HTTP; before = coqui inference_stream in-process)", rows))
+        measured = f"{fmt(b.get('total_s'), ' s', 1)} (est. {fmt(est.get('total_s'), ' s', 1)})" if b else f"{fmt(est.get('total_s'), ' s', 1)} (est.)"
+        rows.append(Row(f"  stream total (batch {fmt(s.get('batch_total_s'), ' s', 1)})", before=measured,
+                        after=fmt(s.get("stream_total_s"), " s", 1)))
+    sections.append(("goal 1: streaming cost linear in length (HTTP; before = coqui inference_stream in-process; "
+                     "est. = its GPT time + measured HiFi-GAN cost of its re-decodes)", rows))
 
     ttfa = http.get("ttfa", {})
     t1 = ttfa.get("ttfa_s", {}).get("1")
@@ -182,7 +235,7 @@ def build_table(results: dict, plan: Plan) -> str:
     engine_first = engine.get("first_chunk", {}).get("first_chunk_s")
     r_engine, r_len = ratio(t1, engine_first), ratio(tn, t1)
     sections.append(("goal 2: first audio early (HTTP /api/tts/stream, first byte after the WAV header)", [
-        Row("time to first audio, 1 sentence", before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui first chunk)",
+        Row(f"time to first audio, 1 sentence ({ttfa.get('text_chars', {}).get('1', '?')} chars)", before=f"{fmt(b_short.get('first_chunk_s'), ' s', 3)} (coqui first chunk)",
             after=fmt(t1, " s", 3)),
         Row("engine's own first chunk (in-process, median)", after=fmt(engine_first, " s", 3)),
         Row("HTTP TTFA / engine first chunk", after=fmt(r_engine, "", 3), goal="<= 1.10",
@@ -220,13 +273,14 @@ def build_table(results: dict, plan: Plan) -> str:
     cpu = engine.get("cpu_modes")
     if cpu:
         variants = cpu["variants"]
-        default = next(iter(v for k, v in variants.items() if k.startswith(f"fp32, {cpu['default_threads']} thread(s), inference_mode")))
+        default = variants[f"{cpu['configured_precision']}, {cpu['default_threads']} thread(s), inference_mode"]
         best = min(variants.items(), key=lambda kv: kv[1]["rtf"])
         rows = [Row(name, after=f"RTF {fmt(v['rtf'], '', 3)}, GPT {fmt(v['ms_per_token'], ' ms/token', 1)}, "
                                 f"HiFi-GAN {fmt(v['hifigan_s'], ' s')}") for name, v in variants.items()]
-        rows.append(Row("best real-time factor", before=f"{fmt(default['rtf'], '', 3)} (torch default)",
+        rows.append(Row("best real-time factor", before=f"{fmt(default['rtf'], '', 3)} (as configured)",
                         after=f"{fmt(best[1]['rtf'], '', 3)} ({best[0]})"))
-        sections.append((f"goal 5: CPU modes ({cpu['tokens']} tokens; best of {len(default['rtf_runs'])}; int8 quality not judged: random weights)", rows))
+        sections.append((f"goal 5: CPU modes ({cpu['tokens']} tokens, best of up to {plan.cpu_rounds} runs; "
+                         "int8 quality not judged: random weights)", rows))
 
     device = engine.get("device") or http.get("device")
     sections.append(("goal 6: GPU", [Row("CUDA, fp16 GPT", after="not measured" if device != "cuda" else "see engine rows",
@@ -237,6 +291,7 @@ def build_table(results: dict, plan: Plan) -> str:
         Row("after load", after=fmt(mem.get("rss_after_load_mb"), " MB", 0)),
         Row(f"after {mem.get('requests', '?')} requests", after=fmt(mem.get("rss_after_requests_mb"), " MB", 0),
             goal="" if mem.get("requests", 0) >= 100 else "(fewer than 100: --quick)"),
+        Row("trace (requests: MB)", after=", ".join(f"{n}: {mb:.0f}" for n, mb in mem.get("rss_trace", []))),
         Row("after a restart", after=fmt(mem.get("rss_after_restart_mb"), " MB", 0)),
     ]))
 
@@ -258,11 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: TTS_DEVICE or auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: TTS_TORCH_THREADS)")
     parser.add_argument("--only", choices=["engine", "http"], help="run one half only")
+    parser.add_argument("--measure-before-long", action="store_true",
+                        help="run coqui's inference_stream at ~28 s of audio instead of estimating it (adds ~4 min)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs, caches)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     plan = QUICK if args.quick else FULL
+    if args.measure_before_long:
+        plan = replace(plan, measure_before_long=True)
 
     from offline_tts.config import Settings
 
@@ -286,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             results["engine"] = run_engine(settings, voices, workdir, plan)
         if args.only in (None, "http"):
             results["http"] = run_http(settings, voices, workdir, plan)
+        results["before_estimate"] = before_estimates(results, plan)
     finally:
         results["meta"]["wall_s"] = round(timer(), 1)
         if args.keep:

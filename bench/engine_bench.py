@@ -203,7 +203,7 @@ class EngineBench:
         if len(trace.token_s) != tokens:
             log.warning("asked for %d tokens, got %d (the model emitted STOP?)", tokens, len(trace.token_s))
         return {
-            "tokens": len(trace.token_s), "audio_s": round(audio_s, 2), "first_chunk_s": round(first, 3),
+            "tokens": len(trace.token_s), "text_chars": len(text), "audio_s": round(audio_s, 2), "first_chunk_s": round(first, 3),
             "total_s": round(total, 2), "chunks": len(chunks),
             "first_chunk_audio_s": round(len(chunks[0]) / engine.sample_rate, 3),
             "gpt_s": round(trace.gpt_s, 2), "gpt_first_step_s": round(trace.token_s[0], 3),
@@ -271,6 +271,20 @@ class EngineBench:
         return {"tokens": tokens, "audio_s": round(audio_s, 2), "first_chunk_s": round(first, 3), "total_s": round(total, 2),
                 "chunks": chunks, "stream_chunk_size": chunk_size, "rtf": round(total / audio_s, 3)}
 
+    def hifigan_costs(self, trace: Trace, lengths: list[int]) -> dict[int, float]:
+        """One-shot HiFi-GAN time for `lengths` tokens of latents (the recorded ones, tiled: cost does not
+        depend on the values). The inputs of the estimate of coqui's streaming cost at long lengths."""
+        recorded = torch.stack([latent.reshape(-1) for latent in trace.latents])
+        to_grid, vocode, *_ = self.engine._decoder(self.conditioning, 1.0)
+        costs = {}
+        with torch.inference_mode():
+            for n in lengths:
+                latents = recorded.repeat(-(-n // len(recorded)), 1)[:n][None]
+                timer = Timer()
+                vocode(to_grid(latents))
+                costs[n] = round(timer(), 3)
+        return costs
+
     # -- stream plans (replayed latents) ----------------------------------------------------------
     def plan_sweep(self, trace: Trace, reference: np.ndarray, plans: dict[str, StreamPlan]) -> dict:
         """Each plan through the real `engine.stream` on the recorded latents: HiFi-GAN is run for real,
@@ -305,34 +319,39 @@ class EngineBench:
         return {"ms_per_token": trace.ms_per_token, "first_step_s": trace.token_s[0], "hifigan_s": hifigan_s,
                 "rtf": (trace.gpt_s + hifigan_s) / audio_s, "latent0": trace.latents[0].flatten()[:64].float()}
 
-    def cpu_modes(self, tokens: int, rounds: int = 2) -> dict:
+    def cpu_modes(self, tokens: int, rounds: int = 2, no_grad: bool = True) -> dict:
         """torch threads 1 vs 2, inference_mode vs no_grad, and dynamic int8 for the GPT (applied last:
-        it changes the model in place). Variants alternate and the best of `rounds` runs is kept, which
-        damps the noise of a shared machine."""
-        from offline_tts.engine.quantize import quantize_gpt_int8
+        it changes the model in place). Variants alternate and the best run is kept, which damps the
+        noise of a shared machine; a variant 3x slower than the best so far is not run again."""
+        from offline_tts.engine.quantize import is_quantized, quantize_gpt_int8
 
         default_threads = torch.get_num_threads()
         thread_options = sorted({1, 2, default_threads})
-        variants = [(f"fp32, {n} thread(s), inference_mode", n, torch.inference_mode) for n in thread_options]
-        variants.append((f"fp32, {default_threads} thread(s), no_grad", default_threads, torch.no_grad))
-        results: dict[str, list[dict]] = {name: [] for name, *_ in variants}
+        precision = "int8 GPT" if is_quantized(self.engine.model) else "fp32"
+        variants = [(f"{precision}, {n} thread(s), inference_mode", n, torch.inference_mode) for n in thread_options]
+        if no_grad:
+            variants.append((f"{precision}, {default_threads} thread(s), no_grad", default_threads, torch.no_grad))
+        results: dict[str, list[dict]] = {}
 
-        def run(name, threads, grad_mode):
-            torch.set_num_threads(threads)
-            results.setdefault(name, []).append(self._gpt_and_vocoder(tokens, grad_mode))
+        def run_all(variants):
+            for round_ in range(rounds):
+                best = min((r["rtf"] for runs in results.values() for r in runs), default=None)
+                for name, threads, grad_mode in variants:
+                    runs = results.setdefault(name, [])
+                    if round_ and best is not None and min(r["rtf"] for r in runs) > 3 * best:
+                        continue
+                    torch.set_num_threads(threads)
+                    runs.append(self._gpt_and_vocoder(tokens, grad_mode))
 
         self._gpt_and_vocoder(8, torch.inference_mode)  # warm-up
-        for _ in range(rounds):
-            for variant in variants:
-                run(*variant)
+        run_all(variants)
         reference = results[variants[0][0]][0]["latent0"]
-        timer = Timer()
-        quantized_layers = quantize_gpt_int8(self.engine.model)
-        quantize_s = timer()
-        int8_variants = [(f"int8 GPT, {n} thread(s), inference_mode", n, torch.inference_mode) for n in thread_options]
-        for _ in range(rounds):
-            for variant in int8_variants:
-                run(*variant)
+        quantized_layers, quantize_s = 0, None
+        if precision == "fp32":
+            timer = Timer()
+            quantized_layers = quantize_gpt_int8(self.engine.model)
+            quantize_s = round(timer(), 1)
+            run_all([(f"int8 GPT, {n} thread(s), inference_mode", n, torch.inference_mode) for n in thread_options])
         torch.set_num_threads(default_threads)
 
         out = {}
@@ -341,11 +360,25 @@ class EngineBench:
             out[name] = {"ms_per_token": round(best["ms_per_token"], 1), "first_step_s": round(best["first_step_s"], 3),
                          "hifigan_s": round(best["hifigan_s"], 2), "rtf": round(best["rtf"], 3),
                          "rtf_runs": [round(r["rtf"], 3) for r in runs]}
-            if name.startswith("int8"):  # how far the int8 GPT drifts from fp32 (quality cannot be judged on random weights)
+            if name.startswith("int8") and precision == "fp32":  # drift from fp32 (quality cannot be judged on random weights)
                 delta = (best["latent0"] - reference).norm() / reference.norm()
                 out[name]["first_latent_rel_diff"] = round(float(delta), 4)
-        return {"tokens": tokens, "default_threads": default_threads, "int8_layers": quantized_layers,
-                "int8_quantize_s": round(quantize_s, 1), "variants": out}
+        return {"tokens": tokens, "default_threads": default_threads, "configured_precision": precision,
+                "int8_layers": quantized_layers, "int8_quantize_s": quantize_s, "variants": out}
+
+
+def coqui_decode_lengths(tokens: int, chunk_size: int = 20) -> list[int]:
+    """Latent counts coqui's inference_stream decodes for one sentence: all so far at every chunk, and
+    everything once more when the generator ends."""
+    return list(range(chunk_size, tokens + 1, chunk_size)) + [tokens]
+
+
+def estimate_coqui_total(tokens: int, gpt_s: float, hifigan_costs: dict[int, float], chunk_size: int = 20) -> float:
+    """coqui's streaming total = its GPT time (the same generator as ours) + HiFi-GAN over all latents so far
+    at each chunk, HiFi-GAN time fitted linear in length from measured one-shot decodes."""
+    lengths, times = zip(*sorted(hifigan_costs.items()))
+    slope, intercept = np.polyfit(lengths, times, 1) if len(lengths) > 1 else (times[0] / lengths[0], 0.0)
+    return gpt_s + sum(intercept + slope * n for n in coqui_decode_lengths(tokens, chunk_size))
 
 
 def sweep_plans(default: StreamPlan) -> dict[str, StreamPlan]:
@@ -353,11 +386,10 @@ def sweep_plans(default: StreamPlan) -> dict[str, StreamPlan]:
     plans = {"default": default}
     for first in (4, 12):
         plans[f"first={first}"] = r(default, first_chunk_tokens=first)
-    for context in (0, 2, 8):
+    for context in (0, 8):
         plans[f"context={context}"] = r(default, context_tokens=context)
     if hasattr(default, "max_chunk_tokens"):
         plans["fixed 24 (no doubling)"] = r(default, chunk_tokens=24, max_chunk_tokens=24)
-        plans["max chunk 192"] = r(default, max_chunk_tokens=192)
     return plans
 
 
@@ -367,4 +399,4 @@ def audio_tokens_for(seconds: float) -> int:
     return max(3, tokens)
 
 
-__all__ = ["EngineBench", "Trace", "audio_seconds", "audio_tokens_for", "sweep_plans", "plan_from_settings"]
+__all__ = ["EngineBench", "Trace", "audio_seconds", "audio_tokens_for", "estimate_coqui_total", "sweep_plans", "plan_from_settings"]

@@ -17,7 +17,17 @@ import psutil
 
 from offline_tts.audio import wav_header
 
-from .common import BIN, LANGUAGE, TOKENS_PER_SECOND, Timer, log, median, multi_sentence_text, pct, text_for_tokens
+from .common import (
+    BIN,
+    LANGUAGE,
+    TOKENS_PER_SECOND,
+    Timer,
+    log,
+    median,
+    multi_sentence_text,
+    pct,
+    text_for_tokens,
+)
 
 HEADER_BYTES = len(wav_header(24_000))
 BYTES_PER_SECOND = 24_000 * 2  # PCM16 mono at 24 kHz
@@ -140,7 +150,7 @@ def batch(server: Server, client: httpx.Client, text: str, voice: str) -> Result
 
 def settle() -> None:
     """Let a cancelled generation stop (the worker notices at its next token) before timing the next request."""
-    time.sleep(0.5)
+    time.sleep(0.25)
 
 
 def ttfa(server: Server, voice: str, tokens: int, sentences: int, repeats: int) -> dict:

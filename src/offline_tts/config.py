@@ -13,6 +13,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
 
 
+def default_torch_threads() -> int:
+    """One thread fewer than the physical CPU cores, at least 1 (measured with `python -m bench`: on 2 cores
+    the GPT is memory-bound, so 2 threads gain nothing, and torch's spinning OpenMP threads run it 5-10x
+    slower whenever anything else, such as the server's own event loop, needs a core)."""
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTS_", env_file=".env", extra="ignore")
 
@@ -34,7 +44,8 @@ class Settings(BaseSettings):
     model_url: str = Field(DEFAULT_MODEL_URL, description="Where the XTTS-v2 files are downloaded from")
     download: bool = Field(True, description="Download the model when it is missing (needs accept_license)")
     max_audio_tokens: int | None = Field(None, ge=1, description="Absolute cap of audio tokens generated per sentence")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+    torch_threads: int = Field(default_factory=default_torch_threads, ge=0,
+                               description="torch intra-op threads; default: CPU cores - 1 (at least 1); 0 = torch's default")
     half: bool = Field(True, description="Half precision (fp16) for the GPT on CUDA")
     temperature: float = Field(0.75, gt=0, description="Sampling temperature of the GPT (XTTS default)")
     top_k: int = Field(50, ge=1, description="Top-k sampling (XTTS default)")

@@ -36,6 +36,13 @@ def _conv1d_to_linear(module: nn.Module) -> int:
     return replaced
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `quantize_gpt_int8` was applied to this XTTS model."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    return any(isinstance(m, DynamicQuantizedLinear) for m in model.gpt.gpt.modules())
+
+
 def quantize_gpt_int8(model: nn.Module) -> int:
     """Quantize the GPT-2 blocks of coqui's `Xtts` model to dynamic int8 (int8 weights, activations
     quantized per call), in place; returns the number of layers quantized. CPU only.
@@ -44,6 +51,8 @@ def quantize_gpt_int8(model: nn.Module) -> int:
     quantized too; the token embeddings, the small audio-token head and HiFi-GAN stay fp32.
     """
     transformer = model.gpt.gpt
+    if is_quantized(model):
+        return 0
     _conv1d_to_linear(transformer)
     count = sum(isinstance(m, nn.Linear) for m in transformer.modules())
     with warnings.catch_warnings():

@@ -91,7 +91,7 @@ class XttsEngine:
         started = time.perf_counter()
         config = XttsConfig()
         config.load_json(str(model_dir / "config.json"))
-        model = Xtts.init_from_config(config)
+        model = Xtts(config)
         model.load_checkpoint(config, checkpoint_dir=str(model_dir), use_deepspeed=False, eval=True)
         model.to(self.device)
         model.eval()
