@@ -32,7 +32,7 @@ def xtts_factory(settings: Settings) -> EngineFactory:
             torch.set_num_threads(settings.torch_threads)
 
         return XttsEngine(
-            settings.model_dir, settings.device, max_audio_tokens=settings.max_audio_tokens, half=settings.half,
+            settings.model_dir, settings.device, max_audio_tokens=settings.max_audio_tokens, half=settings.half, cpu_int8=settings.cpu_int8,
             temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
             repetition_penalty=settings.repetition_penalty, greedy=settings.greedy, seed=settings.seed,
         )

@@ -74,6 +74,7 @@ class XttsEngine:
         *,
         max_audio_tokens: int | None = None,
         half: bool = True,
+        cpu_int8: bool = False,
         temperature: float = 0.75,
         top_k: int = 50,
         top_p: float = 0.85,
@@ -96,6 +97,10 @@ class XttsEngine:
         model.to(self.device)
         model.eval()
         _fold_weight_norm(model.hifigan_decoder.waveform_decoder)
+        if cpu_int8 and self.device == "cpu":
+            from .quantize import quantize_gpt_int8
+
+            log.info("Quantized %d GPT layers to dynamic int8 (TTS_CPU_INT8)", quantize_gpt_int8(model))
         self.model = model
         self.config = config
         self.model_id = model_fingerprint(model_dir)
