@@ -44,7 +44,10 @@ def ensure_model(path: Path = MODEL_DIR) -> Path:
         log.info("Building the full-size random-weight model in %s (once)...", path)
         subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "full", "--force"], check=True)
     if not (path / NO_STOP_MARKER).is_file():
-        disable_stop_token(path)
+        if path.resolve() == MODEL_DIR.resolve():  # the benchmark's own copy; never change someone else's model
+            disable_stop_token(path)
+        else:
+            log.warning("%s can emit STOP: greedy decoding may end some requests early (see disable_stop_token)", path)
     return path
 
 
@@ -119,10 +122,6 @@ def text_for_tokens(tokens: int, seed: int = 0) -> str:
 
 def multi_sentence_text(sentences: int, tokens_each: int) -> str:
     return " ".join(text_for_tokens(tokens_each, seed=i) for i in range(sentences))
-
-
-def audio_seconds(tokens: int) -> float:
-    return tokens / TOKENS_PER_SECOND
 
 
 class Timer:

@@ -26,7 +26,7 @@ import torch
 from offline_tts.config import Settings
 from offline_tts.engine.base import Conditioning, StreamPlan
 
-from .common import LANGUAGE, Timer, Voices, audio_seconds, log, text_for_tokens
+from .common import LANGUAGE, Timer, Voices, log, text_for_tokens
 
 SEAM_WINDOW = 1024  # samples each side of a seam for the seam SNR
 
@@ -247,29 +247,36 @@ class EngineBench:
         return result, trace, reference
 
     # -- coqui's own streaming (the "before") ----------------------------------------------------
-    def coqui_stream(self, tokens: int, chunk_size: int = 20) -> dict:
-        """`Xtts.inference_stream` on the same model, text and greedy settings, cut at `tokens` tokens."""
+    def coqui_stream(self, tokens: int, chunk_size: int = 20, first_only: bool = False) -> dict:
+        """`Xtts.inference_stream` on the same model, text and greedy settings, cut at `tokens` tokens
+        (with `first_only`, stopped at its first chunk)."""
         engine = self.engine
         model = engine.model
         real = model.gpt.get_generator
         model.gpt.get_generator = lambda *a, **k: itertools.islice(real(*a, **k), tokens)
         sampling = {k: v for k, v in engine.sampling.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty", "do_sample")}
+        text = text_for_tokens(tokens)
         try:
             cond = self.conditioning.data
             timer = Timer()
             first, samples, chunks = None, 0, 0
-            for chunk in model.inference_stream(text_for_tokens(tokens), LANGUAGE, cond["gpt_cond_latent"],
-                                                cond["speaker_embedding"], stream_chunk_size=chunk_size, **sampling):
+            for chunk in model.inference_stream(text, LANGUAGE, cond["gpt_cond_latent"], cond["speaker_embedding"],
+                                                stream_chunk_size=chunk_size, **sampling):
                 if first is None:
                     first = timer()
                 samples += len(chunk)
                 chunks += 1
+                if first_only:
+                    break
             total = timer()
         finally:
             del model.gpt.get_generator
         audio_s = samples / engine.sample_rate
-        return {"tokens": tokens, "audio_s": round(audio_s, 2), "first_chunk_s": round(first, 3), "total_s": round(total, 2),
-                "chunks": chunks, "stream_chunk_size": chunk_size, "rtf": round(total / audio_s, 3)}
+        result = {"tokens": tokens, "text_chars": len(text), "first_chunk_s": round(first, 3), "stream_chunk_size": chunk_size}
+        if not first_only:
+            result.update({"audio_s": round(audio_s, 2), "total_s": round(total, 2), "chunks": chunks,
+                           "rtf": round(total / audio_s, 3)})
+        return result
 
     def hifigan_costs(self, trace: Trace, lengths: list[int]) -> dict[int, float]:
         """One-shot HiFi-GAN time for `lengths` tokens of latents (the recorded ones, tiled: cost does not
@@ -375,10 +382,10 @@ def coqui_decode_lengths(tokens: int, chunk_size: int = 20) -> list[int]:
 
 def estimate_coqui_total(tokens: int, gpt_s: float, hifigan_costs: dict[int, float], chunk_size: int = 20) -> float:
     """coqui's streaming total = its GPT time (the same generator as ours) + HiFi-GAN over all latents so far
-    at each chunk, HiFi-GAN time fitted linear in length from measured one-shot decodes."""
+    at each chunk; HiFi-GAN time interpolated between measured one-shot decodes (it grows faster than
+    linearly on CPU, so a straight-line fit would not do)."""
     lengths, times = zip(*sorted(hifigan_costs.items()))
-    slope, intercept = np.polyfit(lengths, times, 1) if len(lengths) > 1 else (times[0] / lengths[0], 0.0)
-    return gpt_s + sum(intercept + slope * n for n in coqui_decode_lengths(tokens, chunk_size))
+    return gpt_s + sum(float(np.interp(n, (0, *lengths), (0.0, *times))) for n in coqui_decode_lengths(tokens, chunk_size))
 
 
 def sweep_plans(default: StreamPlan) -> dict[str, StreamPlan]:
@@ -393,10 +400,4 @@ def sweep_plans(default: StreamPlan) -> dict[str, StreamPlan]:
     return plans
 
 
-def audio_tokens_for(seconds: float) -> int:
-    """Tokens for about `seconds` of audio, a multiple of 3 (see common.text_for_tokens)."""
-    tokens = int(round(seconds * 22_050 / 1024 / 3)) * 3
-    return max(3, tokens)
-
-
-__all__ = ["EngineBench", "Trace", "audio_seconds", "audio_tokens_for", "estimate_coqui_total", "sweep_plans", "plan_from_settings"]
+__all__ = ["EngineBench", "Trace", "estimate_coqui_total", "plan_from_settings", "sweep_plans"]

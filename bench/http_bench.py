@@ -254,4 +254,5 @@ def metrics_snapshot(server: Server) -> dict:
             if line and not line.startswith("#") and line.startswith(keep)}
 
 
-__all__ = ["Server", "batch", "concurrency", "set_default_voice", "stream", "stream_vs_batch", "top_up", "ttfa", "median", "log"]
+__all__ = ["Server", "batch", "concurrency", "metrics_snapshot", "set_default_voice", "settle", "stream", "stream_vs_batch",
+           "top_up", "ttfa"]

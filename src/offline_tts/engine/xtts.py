@@ -208,7 +208,10 @@ class XttsEngine:
             return z
 
         def vocode(grid: torch.Tensor) -> np.ndarray:
-            return hifigan.waveform_decoder(grid, g=speaker).squeeze().float().cpu().numpy()
+            # fp32 always: in `stream` this runs while `_latents` (a suspended generator) still holds the
+            # GPT's fp16 autocast region open on CUDA; batch decodes after it closed.
+            with torch.autocast(grid.device.type, enabled=False):
+                return hifigan.waveform_decoder(grid.float(), g=speaker).squeeze().float().cpu().numpy()
 
         columns_per_frame = length_scale
         for scale in scales:
