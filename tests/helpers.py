@@ -50,6 +50,16 @@ def ffmpeg_decode(data: bytes, fmt: str | None = None) -> tuple[int, float]:
     return rate, len(pcm.stdout) / 2 / rate
 
 
+def wait_for(predicate, what: str, timeout: float = 60):
+    """Poll `predicate` until it returns something truthy (returned), or fail saying what never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := predicate()):
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

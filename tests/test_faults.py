@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -18,18 +17,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ROOT, ServerProcess, ffmpeg_decode, make_clip, wav_info
+from helpers import ROOT, ServerProcess, ffmpeg_decode, make_clip, wait_for, wav_info
 
 FAULT_PLUGIN = str(ROOT / "tests" / "fault_plugin")
-
-
-def wait_for(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def gauges(client: httpx.Client) -> dict[str, float]:

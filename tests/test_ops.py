@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ROOT, ServerProcess, ffmpeg_decode, make_clip, wav_info
+from helpers import ROOT, ServerProcess, ffmpeg_decode, make_clip, wait_for, wav_info
 from offline_tts.app import create_app
 from offline_tts.config import Settings
 
@@ -33,15 +32,6 @@ def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_for(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- in-process app (no model: everything here answers before the engine) ---------------------------
