@@ -7,10 +7,11 @@ cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,19 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
     sample_rate: int = 24_000
+
+
+@contextlib.contextmanager
+def engine_faults() -> Iterator[None]:
+    """A fault inside the model fails this request only, as a clear 500; our own errors pass through."""
+    try:
+        yield
+    except TTSError:
+        raise
+    except Exception as exc:
+        log.exception("Synthesis failed")
+        raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
+                              "Retry; if it keeps failing, check the server log.") from exc
 
 
 class TTSService:
@@ -193,24 +207,19 @@ class TTSService:
         pool = self.require_pool()
         stats = self._track(stats, pool)
         try:
-            for sentence in job.sentences:
-                def run(engine: SpeechEngine, sentence: str = sentence):
-                    return engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
-                                         plan=self.plan, cancel=job.cancel)
+            with engine_faults():
+                for sentence in job.sentences:
+                    def run(engine: SpeechEngine, sentence: str = sentence):
+                        return engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
+                                             plan=self.plan, cancel=job.cancel)
 
-                async for chunk in pool.iterate(run, job.cancel):
-                    if stats.first_audio_s is None:
-                        stats.first_audio_s = time.perf_counter() - stats.started
-                    stats.audio_samples += len(chunk)
-                    yield chunk
-                if job.cancel.is_set():
-                    return
-        except TTSError:
-            raise
-        except Exception as exc:  # a fault in the model fails this request only
-            log.exception("Synthesis failed")
-            raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
-                                  "Retry; if it keeps failing, check the server log.") from exc
+                    async for chunk in pool.iterate(run, job.cancel):
+                        if stats.first_audio_s is None:
+                            stats.first_audio_s = time.perf_counter() - stats.started
+                        stats.audio_samples += len(chunk)
+                        yield chunk
+                    if job.cancel.is_set():
+                        return
         finally:
             stats.finished = time.perf_counter()
             job.release()  # also stops the worker thread at its next chunk if the client went away
@@ -220,16 +229,11 @@ class TTSService:
         stats = self._track(stats, pool)
         parts = []
         try:
-            for sentence in job.sentences:
-                audio = await pool.run(lambda engine, s=sentence: engine.synthesize(s, job.language, job.conditioning,
-                                                                                   speed=job.speed, cancel=job.cancel))
-                parts.append(audio)
-        except TTSError:
-            raise
-        except Exception as exc:
-            log.exception("Synthesis failed")
-            raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
-                                  "Retry; if it keeps failing, check the server log.") from exc
+            with engine_faults():
+                for sentence in job.sentences:
+                    audio = await pool.run(lambda engine, s=sentence: engine.synthesize(
+                        s, job.language, job.conditioning, speed=job.speed, cancel=job.cancel))
+                    parts.append(audio)
         finally:
             job.release()
         result = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
