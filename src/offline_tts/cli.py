@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .config import Settings
 
 log = logging.getLogger("offline_tts")
@@ -26,11 +28,27 @@ def setup_logging(level: str = "info", json_logs: bool = False) -> None:
     logging.captureWarnings(True)  # Python warnings (torch, coqui) become log records, JSON too
 
 
+def load_settings(**overrides) -> Settings | None:
+    """The settings, or None after logging what is wrong with them (never the values: one may be the key)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        setup_logging()
+        for err in exc.errors():
+            name = "TTS_" + "_".join(str(part) for part in err["loc"]).upper()
+            log.error("Invalid setting %s: %s", name, err["msg"].removeprefix("Value error, "))
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .api.header_limits import limited_headers_protocol
+
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
+    if settings is None:
+        return 2
     setup_logging(settings.log_level, settings.log_json)
     from .engine.random_model import missing_model_files
 
@@ -49,12 +67,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     log.info("Starting the TTS service on http://%s:%d (model dir %s, voices %s)", settings.host, settings.port,
              settings.model_dir, settings.voices_dir)
+    if settings.api_key:
+        log.info("API key required on every route but /health, /ui%s (TTS_API_KEY)",
+                 " and the model/voice lists" if settings.public_lists else "")
     # log_config=None: uvicorn's own lines go through our handler (JSON too); the access log is ours
     # (offline_tts.access: one line per request with its id, voice, audio seconds...).
     # On SIGTERM uvicorn stops accepting, lets running responses finish for the grace period, then exits.
+    # http: httptools with a bound on request headers (431), checked before any route or key.
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
-        access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds))
+        access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+        http=limited_headers_protocol(settings.max_header_bytes, settings.max_headers)))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)  # a model that cannot load: stop, exit 1
     server.run()
     return 1 if app.state.service.state == "failed" else 0
@@ -74,7 +97,9 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = load_settings()
+    if settings is None:
+        return 2
     setup_logging(settings.log_level)
     from .engine.download import ModelUnavailableError, ensure_model
 

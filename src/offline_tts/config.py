@@ -72,9 +72,14 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20_000_000, ge=1024, description="Largest uploaded clip (per file)")
     max_clip_seconds: float = Field(60.0, gt=0, description="Longest clip accepted at upload")
     min_clip_seconds: float = Field(2.0, gt=0, description="Shortest usable clip")
+    max_header_bytes: int = Field(16384, ge=1024, description="Largest request header block (request line included); beyond it: 431")
+    max_headers: int = Field(100, ge=8, description="Most request headers; beyond it: 431")
 
     # Security
-    api_key: str | None = Field(None, description="When set, every route but /health needs `Authorization: Bearer <key>`")
+    api_key: str | None = Field(None, description="When set, every route but /health (and the public lists) needs "
+                                                  "`Authorization: Bearer <key>`; surrounding whitespace is ignored, empty = no key")
+    public_lists: bool = Field(True, description="With an API key set, GET /v1/models, /v1/audio/voices and /v1/audio/models "
+                                                 "still answer without it (Open WebUI asks without the key); false = key needed")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS, comma-separated or a JSON list (none by default)")
 
@@ -82,8 +87,9 @@ class Settings(BaseSettings):
     openai_voice_map: dict[str, str] = Field(
         default_factory=dict,
         description='OpenAI voice names mapped to voices of this service, JSON: {"alloy": "ana", "nova": "my_voice_sample"}; '
-                    "OpenAI names left out use the default voice")
-    model_name: str = Field("xtts-v2", description="This model's id on /v1/models; /v1/audio/speech also accepts tts-1 and tts-1-hd")
+                    "OpenAI names left out use the default voice, else the first voice by name")
+    model_name: str = Field("xtts-v2", description="This model's id on /v1/models; /v1/audio/speech also accepts OpenAI's "
+                                                   "names (tts-1, tts-1-hd, gpt-4o-mini-tts and their dated snapshots)")
 
     shutdown_grace_seconds: float = Field(20.0, ge=0, description="How long running streams may finish on SIGTERM")
 
@@ -97,6 +103,16 @@ class Settings(BaseSettings):
 
                 return json.loads(v)
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _strip_key(cls, v: object) -> object:
+        # A secrets file or env_file often ends the key with a newline; clients' keys are stripped too.
+        if isinstance(v, str):
+            if v and not v.strip():
+                raise ValueError("the key is only whitespace: set the real key, or leave it empty for no key")
+            return v.strip() or None
         return v
 
     @field_validator("language")

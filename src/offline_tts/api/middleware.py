@@ -1,8 +1,10 @@
-"""HTTP middleware: request id + access log + metrics, CORS, the optional API key, the body size limit.
+"""HTTP middleware: request id + access log + metrics, CORS, the optional API key, the body size limit,
+HEAD wherever GET works.
 
 All are plain ASGI middleware (no BaseHTTPMiddleware), so streamed responses pass through untouched
 and the per-request record lives exactly as long as the response, body included.
-Order, outermost first: request context -> CORS -> API key -> body limit -> routes.
+Order, outermost first: request context -> CORS -> API key -> body limit -> HEAD as GET -> routes.
+(Request header size is bounded earlier, in the HTTP protocol: api/header_limits.py.)
 """
 
 from __future__ import annotations
@@ -63,11 +65,18 @@ def route_label(scope: Scope) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def is_public(method: str, path: str) -> bool:
-    """Liveness, and the web page's static shell (it holds no data; it is where the user types the key)."""
+PUBLIC_LISTS = frozenset({"/v1/models", "/v1/audio/voices", "/v1/audio/models"})
+
+
+def is_public(method: str, path: str, public_lists: bool = False) -> bool:
+    """Liveness, and the web page's static shell (it holds no data; it is where the user types the key).
+    With public_lists, the OpenAI model and voice lists too: names are no secret, and Open WebUI asks
+    for them without the key (it then shows OpenAI's voices instead of this service's)."""
     if path == "/health":
         return True
-    return method in ("GET", "HEAD") and (path == "/ui" or path.startswith("/ui/"))
+    if method not in ("GET", "HEAD"):
+        return False
+    return path == "/ui" or path.startswith("/ui/") or (public_lists and path in PUBLIC_LISTS)
 
 
 class RequestContextMiddleware:
@@ -142,8 +151,9 @@ class RequestContextMiddleware:
 class ApiKeyMiddleware:
     """When an API key is configured, every route but liveness (and the UI's static page) needs it."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str, public_lists: bool = False):
         self.app = app
+        self.public_lists = public_lists
         # Compare digests: constant time, and equal lengths, so not even the key's length leaks.
         self._digest = hashlib.sha256(api_key.encode()).digest()
 
@@ -154,7 +164,7 @@ class ApiKeyMiddleware:
         return secrets.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._digest)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not is_public(scope.get("method", ""), route_path(scope)):
+        if scope["type"] == "http" and not is_public(scope.get("method", ""), route_path(scope), self.public_lists):
             headers = Headers(scope=scope)
             if not self.authorized(headers):
                 missing = "authorization" not in headers
@@ -209,12 +219,40 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+class HeadAsGetMiddleware:
+    """HEAD is answered wherever GET is: the GET route runs and only its status and headers are sent.
+
+    HTTP requires HEAD wherever GET works (uptime checkers use it), but FastAPI's routes list only GET.
+    The routes see GET (a copy of the scope); the outer middleware keep seeing HEAD and the matched route."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        as_get = {**scope, "method": "GET"}
+        try:
+            await self.app(as_get, receive, send_without_body)
+        finally:
+            if "route" in as_get:  # for the access log and the metrics' route label
+                scope["route"] = as_get["route"]
+
+
 def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics | None) -> None:
     """Add the middleware in order (Starlette wraps the last added outermost)."""
     upload_limit = settings.max_upload_bytes * UPLOAD_FILES_PER_REQUEST + settings.max_body_bytes
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_body_bytes=upload_limit)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, public_lists=settings.public_lists)
     if settings.cors_origins:  # closed by default: no CORS headers at all
         app.add_middleware(
             CORSMiddleware,

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -29,9 +30,12 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 # OpenAI's own voice names: clients with a fixed list send these. Mapped by TTS_OPENAI_VOICE_MAP;
-# a name left out of the map speaks in the default voice (POST /api/config).
+# a name left out of the map speaks in the default voice (POST /api/config), else in the first voice by name.
 OPENAI_VOICES = frozenset("alloy ash ballad cedar coral echo fable marin nova onyx sage shimmer verse".split())
-OPENAI_MODELS = ("tts-1", "tts-1-hd")
+# Every model name OpenAI's speech API accepts (listed on /v1/models), and any dated snapshot of a family.
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "tts-1-1106", "tts-1-hd-1106",
+                 "gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15")
+_SNAPSHOT = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)-\d{4}-\d{2}-\d{2}")
 _SAMPLES_PER_AUDIO_TOKEN = 1024  # XTTS: one GPT audio token is 1024 output samples (for `usage`)
 
 
@@ -44,11 +48,13 @@ class SpeechRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"example": {
         "model": "tts-1", "input": "Hola, ¿qué tal?", "voice": "my_voice_sample", "response_format": "mp3"}})
-    model: str | None = Field(None, description="tts-1, tts-1-hd or this service's model name (GET /v1/models)")
+    model: str | None = Field(None, description="tts-1, tts-1-hd, gpt-4o-mini-tts (and their dated snapshots) or this "
+                                                "service's model name (GET /v1/models); all speak the same way")
     input: str | None = Field(None, description="The text to speak")
     voice: str | dict[str, Any] | None = Field(
         None, description="A voice of this service (GET /v1/audio/voices), or an OpenAI voice name (mapped by "
-                          "TTS_OPENAI_VOICE_MAP, else the default voice); {\"id\": name} is accepted too")
+                          "TTS_OPENAI_VOICE_MAP, else the default voice, else the first voice by name); "
+                          "{\"id\": name} is accepted too")
     response_format: str | None = Field(None, description="mp3 (default), opus, aac, flac, wav or pcm (24 kHz mono s16le)")
     speed: float | None = Field(None, description="0.25 to 4.0 (default 1.0)")
     stream_format: str | None = Field(None, description="audio (default): the audio bytes; sse: server-sent events")
@@ -62,10 +68,11 @@ def accepted_models(service: TTSService) -> list[str]:
 
 def check_model(model: str | None, service: TTSService) -> str:
     accepted = accepted_models(service)
-    if not model or model not in accepted:
+    name = (model or "").strip()
+    if name not in accepted and not _SNAPSHOT.fullmatch(name):
         raise InvalidParameter(f"Unsupported model {str(model)[:60]!r}.", f"Use one of: {', '.join(accepted)}.",
                                param="model")
-    return model
+    return name
 
 
 def check_speed(speed: float | None) -> float:
@@ -96,12 +103,19 @@ def resolve_voice(voice: str | dict[str, Any] | None, service: TTSService) -> st
                 raise
             return mapped
         if key in OPENAI_VOICES:
-            if not service.defaults.current.voice_sample:
-                raise NoVoice(f"{voice!r} is an OpenAI voice name: it is not mapped to a voice here and no default voice is set.",
-                              "Set a default voice (POST /api/config), map the name with TTS_OPENAI_VOICE_MAP, "
-                              "or use a voice from GET /v1/audio/voices.") from None
-            return None
+            return None if service.defaults.current.voice_sample else stand_in_voice(voice, service)
         raise
+
+
+def stand_in_voice(openai_name: str, service: TTSService) -> str:
+    """An unmapped OpenAI name with no default voice: the first voice by name (predictable), so clients
+    whose default is `alloy` (Home Assistant's key check, SillyTavern, pipecat) hear a real voice."""
+    names = service.voices.names()
+    if not names:
+        raise NoVoice(f"{openai_name!r} is an OpenAI voice name, and this server has no voice yet.",
+                      "Add a voice (POST /api/voices, or a clip in the voices directory), then map OpenAI names with "
+                      "TTS_OPENAI_VOICE_MAP or set a default voice (POST /api/config).") from None
+    return min(names)
 
 
 def _sse(event: dict) -> bytes:
