@@ -45,7 +45,7 @@ def make_client(tmp_path: Path):
 
 
 def test_api_key_needed_everywhere_but_health(make_client):
-    client = make_client(api_key=KEY)
+    client = make_client(api_key=KEY, public_lists=False)  # the public model/voice lists: test_http_edge.py
     assert client.get("/health").status_code == 200
     for method, path in [("GET", "/"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/api/voices"),
                          ("POST", "/api/tts/batch"), ("POST", "/api/tts/stream"), ("POST", "/api/config"),
