@@ -173,7 +173,8 @@ class VoiceStore:
         try:
             info = audio.probe(path, max_seconds)
             if info.duration_s and info.duration_s > max_seconds:
-                raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; the limit is {max_seconds:g} s.", too_long_hint)
+                raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; the limit is {max_seconds:g} s.",
+                                   too_long_hint)
             if info.duration_s and info.duration_s < min_seconds:
                 raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; at least {min_seconds:g} s of speech is needed.",
                                    audio.IDEAL_CLIP)
