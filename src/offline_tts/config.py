@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(5000, ge=1, description="Longest text accepted per request")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest JSON request body")
     max_upload_bytes: int = Field(20_000_000, ge=1024, description="Largest uploaded clip (per file)")
-    max_clip_seconds: float = Field(60.0, gt=0, description="Longest clip accepted at upload")
+    max_clip_seconds: float = Field(60.0, gt=0, description="Longest clip: a longer upload is refused; "
+                                    "of a longer clip in the voices directory only this much is used")
     min_clip_seconds: float = Field(2.0, gt=0, description="Shortest usable clip")
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request header block (request line included); beyond it: 431")
     max_headers: int = Field(100, ge=8, description="Most request headers; beyond it: 431")

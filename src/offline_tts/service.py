@@ -87,7 +87,8 @@ class TTSService:
         self.settings = settings
         self.engine_factory = engine_factory
         self.voices = VoiceStore(settings.voices_dir)
-        self.cache = VoiceCache(settings.cache_dir, settings.voice_cache_size, settings.min_clip_seconds)
+        self.cache = VoiceCache(settings.cache_dir, settings.voice_cache_size, settings.min_clip_seconds,
+                                settings.max_clip_seconds)
         self.defaults = DefaultsStore(settings.defaults_file, settings.language)
         self.pool: EnginePool[SpeechEngine] | None = None
         self.state = "starting"  # starting -> loading -> ready | failed

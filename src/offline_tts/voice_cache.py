@@ -34,10 +34,11 @@ def file_digest(path: Path) -> str:
 
 
 class VoiceCache:
-    def __init__(self, cache_dir: Path, capacity: int, min_clip_seconds: float):
+    def __init__(self, cache_dir: Path, capacity: int, min_clip_seconds: float, max_clip_seconds: float = 60.0):
         self.dir = cache_dir
         self.capacity = capacity
         self.min_clip_seconds = min_clip_seconds
+        self.max_clip_seconds = max_clip_seconds  # longer clips are cut to it: memory and cache stay bounded
         self._memory: OrderedDict[str, Conditioning] = OrderedDict()
         self._inflight: dict[str, asyncio.Lock] = {}
         self.hits = 0
@@ -157,14 +158,24 @@ class VoiceCache:
             cached = self.dir / "clips" / f"{digest}-{sample_rate}.npy"
             clip = self._load_decoded(cached)
             if clip is None:
-                audio.probe(path)  # clear errors: not audio, no audio track, impossible format
-                clip = audio.decode(path, sample_rate)
+                audio.probe(path, self.max_clip_seconds)  # clear errors: not audio, no audio track, impossible format
+                clip = self._decode_at_most_max(path, sample_rate)
                 audio.check_clip(clip, sample_rate, path.name, self.min_clip_seconds)
                 new.append((cached, clip))
             clips.append(clip)
         for cached, clip in new:  # only once every clip passed: a refused voice leaves nothing on disk
             self._save_decoded(cached, clip)
         return clips
+
+    def _decode_at_most_max(self, path: Path, sample_rate: int) -> np.ndarray:
+        """Uploads longer than the limit were refused; a longer clip dropped into the voices directory is
+        used up to the limit (decoding stops there, whatever length the file declares)."""
+        clip = audio.decode(path, sample_rate, self.max_clip_seconds)
+        if audio.longer_than(clip, sample_rate, self.max_clip_seconds):
+            log.warning("Clip %r is longer than TTS_MAX_CLIP_SECONDS=%g: only its first %g s are used",
+                        path.name, self.max_clip_seconds, self.max_clip_seconds)
+            clip = clip[: round(self.max_clip_seconds * sample_rate)]
+        return clip
 
     @staticmethod
     def _load_decoded(path: Path) -> np.ndarray | None:

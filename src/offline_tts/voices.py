@@ -169,18 +169,26 @@ class VoiceStore:
     def check_clip_file(path: Path, label: str, min_seconds: float, max_seconds: float) -> Path:
         """Refuse a staged upload that is not audio or is too short/long; returns the clip to keep
         (a file of a kind the store does not list by extension is converted to WAV)."""
+        too_long_hint = "Trim it (5-15 s is ideal), or raise TTS_MAX_CLIP_SECONDS."
         try:
-            info = audio.probe(path)
+            info = audio.probe(path, max_seconds)
             if info.duration_s and info.duration_s > max_seconds:
                 raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; the limit is {max_seconds:g} s.",
-                                   "Trim it (5-15 s is ideal), or raise TTS_MAX_CLIP_SECONDS.")
+                                   too_long_hint)
             if info.duration_s and info.duration_s < min_seconds:
                 raise InvalidAudio(f"'{label}' is {info.duration_s:.1f} s long; at least {min_seconds:g} s of speech is needed.",
                                    audio.IDEAL_CLIP)
-            if path.suffix.lower() in AUDIO_EXTENSIONS:
+            # The declared length may lie (a "decode bomb"): decode, stopping just past the limit.
+            convert = path.suffix.lower() not in AUDIO_EXTENSIONS
+            rate = info.sample_rate if convert else audio.MEASURE_RATE
+            decoded = audio.decode(path, rate, max_seconds)
+            if audio.longer_than(decoded, rate, max_seconds):
+                raise InvalidAudio(f"'{label}' holds more than {max_seconds:g} s of audio (whatever it declares); "
+                                   f"the limit is {max_seconds:g} s.", too_long_hint)
+            if not convert:
                 return path
             wav = path.with_suffix(".wav")
-            audio.write_wav_atomic(wav, audio.decode(path, info.sample_rate), info.sample_rate)
+            audio.write_wav_atomic(wav, decoded, rate)
             path.unlink()
             return wav
         except InvalidAudio as exc:  # name the upload, not the staged file
