@@ -164,10 +164,10 @@ class EngineBench:
             return 1000 * timer()
 
         async def measure() -> tuple[float, list[float], float, float]:
-            cache = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)
+            cache = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds, live_voices=lambda: ())
             first = await use(cache)
             repeats = [await use(cache) for _ in range(5)]
-            restarted = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds)  # a new process: empty memory
+            restarted = VoiceCache(cache_dir, 8, self.settings.min_clip_seconds, live_voices=lambda: ())  # a new process: empty memory
             return first, repeats, await use(restarted), await use(restarted)
 
         first, repeats, after_restart, after_restart_repeat = asyncio.run(measure())

@@ -5,6 +5,8 @@ The engine and the stores raise these; the HTTP layer only renders them.
 
 from __future__ import annotations
 
+import re
+
 
 class TTSError(Exception):
     status_code = 400
@@ -100,3 +102,20 @@ class Unauthorized(TTSError):
     status_code = 401
     code = "unauthorized"
     error_type = "authentication_error"
+
+
+class InsufficientStorage(TTSError):
+    status_code = 507
+    code = "insufficient_storage"
+    error_type = "server_error"
+
+
+# An absolute filesystem path inside an exception's text: two or more components after a leading "/",
+# at the start or after a space, quote, parenthesis, colon or "=".
+_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s'"(=:]))/[^\s'"()/]+(?:/[^\s'"(),;]*)+""")
+
+
+def without_paths(text: str) -> str:
+    """`text` (e.g. an exception's message shown to a client) with absolute paths reduced to their last
+    component, so API clients do not learn the server's filesystem layout."""
+    return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from .errors import (
     TextTooLong,
     TTSError,
     UnsupportedLanguage,
+    without_paths,
 )
 from .voice_cache import VoiceCache
 from .voices import Voice, VoiceStore
@@ -78,7 +80,7 @@ def engine_faults() -> Iterator[None]:
         raise
     except Exception as exc:
         log.exception("Synthesis failed")
-        raise SynthesisFailed(f"Synthesis failed: {type(exc).__name__}: {exc}",
+        raise SynthesisFailed(without_paths(f"Synthesis failed: {type(exc).__name__}: {exc}"),
                               "Retry; if it keeps failing, check the server log.") from exc
 
 
@@ -88,7 +90,7 @@ class TTSService:
         self.engine_factory = engine_factory
         self.voices = VoiceStore(settings.voices_dir)
         self.cache = VoiceCache(settings.cache_dir, settings.voice_cache_size, settings.min_clip_seconds,
-                                settings.max_clip_seconds)
+                                settings.max_clip_seconds, live_voices=self.voices.list)
         self.defaults = DefaultsStore(settings.defaults_file, settings.language)
         self.pool: EnginePool[SpeechEngine] | None = None
         self.state = "starting"  # starting -> loading -> ready | failed
@@ -102,6 +104,12 @@ class TTSService:
         """Load one replica per worker (in threads, off the event loop) and warm them up."""
         self.state = "loading"
         started = time.perf_counter()
+        # Nothing uses the cache before the model is ready: drop what no voice needs any more.
+        try:
+            if pruned := await asyncio.to_thread(self.cache.prune):
+                log.info("Voice cache: removed %d entries of clips that no longer exist", pruned)
+        except OSError as exc:  # an unusable cache directory only costs speed
+            log.warning("Voice cache not pruned (%s)", exc)
         try:
             engines = []
             for i in range(self.settings.workers):
@@ -110,7 +118,7 @@ class TTSService:
             self.pool = EnginePool(engines, self.settings.max_queue)
             await self._warm_up()
         except Exception as exc:
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            self.state, self.error = "failed", without_paths(f"{type(exc).__name__}: {exc}")
             raise
         self.load_seconds = time.perf_counter() - started
         self.state = "ready"
@@ -252,20 +260,34 @@ class TTSService:
         return stats
 
     # -- defaults ---------------------------------------------------------------------------------
-    async def set_defaults(self, voice: str | None, language: str | None) -> Defaults:
-        """Validate and store new defaults; a voice is conditioned right away (and refused if broken)."""
-        current = self.defaults.current
-        new = Defaults(voice_sample=current.voice_sample, language=current.language)
+    async def set_defaults(self, voice: str | None = None, language: str | None = None,
+                           clear_voice: bool = False) -> Defaults:
+        """Validate and store new defaults; a voice is conditioned right away (and refused if broken).
+        Only the fields given change, applied to the defaults as they are when saved: a concurrent
+        change of the other field is kept."""
+        changes: dict[str, str | None] = {}
         if language is not None:
-            new.language = self.check_language(language)
+            changes["language"] = self.check_language(language)
         if voice is not None:
-            resolved = self.voices.resolve(voice)
-            await self.conditioning(resolved)
-            new.voice_sample = voice.strip()
-        self.defaults.save(new)
-        return new
+            await self.conditioning(self.voices.resolve(voice))  # slow: other changes may land meanwhile
+            changes["voice_sample"] = voice.strip()
+        elif clear_voice:
+            changes["voice_sample"] = None
+
+        def apply(current: Defaults) -> Defaults:
+            if voice is not None:
+                self.voices.resolve(voice)  # deleted while it was conditioned: 404, not a default that is gone
+            return dataclasses.replace(current, **changes)
+
+        return self.defaults.update(apply)
 
     def clear_default_voice_if(self, voice: Voice) -> None:
-        name = self.defaults.current.voice_sample
-        if name and (Path(name).stem == voice.name or name == voice.name):
-            self.defaults.save(Defaults(voice_sample=None, language=self.defaults.current.language))
+        """Called after `voice` was deleted; under the defaults' lock, so a concurrent POST /api/config
+        either saw the voice gone or saved it before this clears it."""
+        def apply(current: Defaults) -> Defaults:
+            name = current.voice_sample
+            if name and (Path(name).stem == voice.name or name == voice.name):
+                return dataclasses.replace(current, voice_sample=None)
+            return current
+
+        self.defaults.update(apply)

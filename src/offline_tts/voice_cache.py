@@ -4,6 +4,10 @@ Keys are the hash of the clips' bytes plus the model id, so a replaced file is n
 latents and a restart reuses what was computed. Decoded clips are kept too (per file content), so a
 compressed clip is decoded once. Disk entries are written atomically; a corrupt one is discarded and
 recomputed; a read-only or full cache directory only costs speed.
+
+The cache holds entries of existing voices only: a deleted voice's entries are released (unless another
+voice holds the same bytes), a voice deleted while it was being conditioned leaves nothing behind, and
+at startup entries of clips that are gone (removed or replaced by hand) are pruned.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from . import audio
 from .engine.base import Conditioning, SpeechEngine
+from .errors import InvalidAudio, VoiceNotFound
 from .fileio import atomic_write
 from .voices import Voice
 
@@ -33,9 +38,35 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+_DIGEST_MEMO_SIZE = 4096
+
+
+def vanished(voice: Voice) -> VoiceNotFound:
+    return VoiceNotFound(f"Voice {voice.name!r} was deleted.", "Choose a voice listed by GET /api/voices.")
+
+
+def still_there(voice: Voice) -> bool:
+    return all(p.is_file() for p in voice.files)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # a read-only cache: the entry stays, it costs only disk
+        log.warning("Could not remove cache entry %s (%s)", path.name, exc)
+        return False
+
+
 class VoiceCache:
-    def __init__(self, cache_dir: Path, capacity: int, min_clip_seconds: float, max_clip_seconds: float = 60.0):
+    def __init__(self, cache_dir: Path, capacity: int, min_clip_seconds: float, max_clip_seconds: float = 60.0, *,
+                 live_voices: Callable[[], Iterable[Voice]]):
+        """`live_voices` lists the voices that exist: their entries are never released."""
         self.dir = cache_dir
+        self.live_voices = live_voices
+        self._digest_memo: dict[tuple, str] = {}
         self.capacity = capacity
         self.min_clip_seconds = min_clip_seconds
         self.max_clip_seconds = max_clip_seconds  # longer clips are cut to it: memory and cache stay bounded
@@ -49,7 +80,11 @@ class VoiceCache:
     # -- keys -------------------------------------------------------------------------------------
     @staticmethod
     def clip_digests(voice: Voice) -> list[str]:
-        return [file_digest(p) for p in voice.files]
+        """The hashes of the voice's clips; VoiceNotFound when one was deleted since the voice was resolved."""
+        try:
+            return [file_digest(p) for p in voice.files]
+        except (FileNotFoundError, NotADirectoryError):
+            raise vanished(voice) from None
 
     @staticmethod
     def key(digests: list[str], model_id: str) -> str:
@@ -61,7 +96,7 @@ class VoiceCache:
     def is_cached(self, voice: Voice, model_id: str) -> bool:
         try:
             key = self.key(self.clip_digests(voice), model_id)
-        except OSError:
+        except (OSError, VoiceNotFound):
             return False
         return key in self._memory or self._latents_path(key, model_id).is_file()
 
@@ -92,32 +127,93 @@ class VoiceCache:
                     self.disk_hits += 1
                 else:
                     self.misses += 1
-                    clips = await asyncio.to_thread(self._decoded_clips, voice, digests, engine.conditioning_sample_rate)
+                    clips = await self._decode_unless_vanished(voice, digests, engine.conditioning_sample_rate)
                     conditioning = await compute(lambda e: e.compute_conditioning(clips))
                     await asyncio.to_thread(self._store, engine, conditioning, path)
                     log.info("Voice %r conditioned and cached (%d clip(s))", voice.name, len(clips))
                 self._memory_put(key, conditioning)
-                return conditioning
             finally:
                 self._inflight.pop(key, None)
+        # Deleted while we worked: its DELETE released the entries before we wrote them, so do it here.
+        if not await asyncio.to_thread(still_there, voice):
+            await asyncio.to_thread(self.release, digests)
+            raise vanished(voice)
+        return conditioning
 
-    def forget(self, voice: Voice) -> None:
-        """Drop a voice's cached conditioning (memory and disk), e.g. when it is deleted."""
+    async def _decode_unless_vanished(self, voice: Voice, digests: list[str], sample_rate: int) -> list[np.ndarray]:
         try:
-            digests = self.clip_digests(voice)
-        except OSError:
-            return
-        latents = self.dir / "latents"
-        model_ids = set(self._model_ids)
-        if latents.is_dir():
-            model_ids.update(d.name for d in latents.iterdir())
-        for model_id in model_ids:
-            key = self.key(digests, model_id)
-            self._memory.pop(key, None)
+            return await asyncio.to_thread(self._decoded_clips, voice, digests, sample_rate)
+        except (OSError, InvalidAudio):  # a clip that vanished is a deleted voice, not a broken clip
+            if not await asyncio.to_thread(still_there, voice):
+                raise vanished(voice) from None
+            raise
+
+    # -- releasing entries ------------------------------------------------------------------------
+    def release(self, digests: list[str]) -> None:
+        """Drop the entries (latents in memory and on disk, decoded clips) of the clips with these hashes,
+        e.g. of a deleted voice or a refused upload, except what an existing voice still uses (two voices
+        may hold the same bytes)."""
+        live = self._live_digests()
+        if tuple(digests) not in live:
+            for model_id in self._known_model_ids():
+                key = self.key(digests, model_id)
+                self._memory.pop(key, None)
+                _unlink(self._latents_path(key, model_id))
+        live_clips = {d for clip_digests in live for d in clip_digests}
+        for digest in set(digests) - live_clips:
+            for path in self._decoded_paths(digest):
+                _unlink(path)
+
+    def prune(self) -> int:
+        """Remove every disk entry no existing voice uses (clips removed or replaced by hand while the
+        server was down, entries of another voices directory); returns how many. Run before serving."""
+        live = self._live_digests()
+        live_clips = {d for clip_digests in live for d in clip_digests}
+        removed = 0
+        clips_dir = self.dir / "clips"
+        for path in sorted(clips_dir.glob("*.npy")) if clips_dir.is_dir() else []:
+            if path.name.split("-", 1)[0] not in live_clips:
+                removed += _unlink(path)
+        for model_id in self._known_model_ids():
+            keep = {self.key(list(clip_digests), model_id) for clip_digests in live}
+            for path in sorted((self.dir / "latents" / model_id).glob("*.pt")):
+                if path.stem not in keep:
+                    removed += _unlink(path)
+        return removed
+
+    def _live_digests(self) -> set[tuple[str, ...]]:
+        """The clip hashes of every existing voice (a voice vanishing meanwhile is simply not live)."""
+        live = set()
+        for voice in self.live_voices():
             try:
-                self._latents_path(key, model_id).unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("Could not remove cached conditioning %s (%s)", key, exc)
+                live.add(tuple(self._memo_digest(p) for p in voice.files))
+            except OSError:
+                continue
+        return live
+
+    def _memo_digest(self, path: Path) -> str:
+        """file_digest, remembered per file version (inode, size, mtime), so releasing an entry does not
+        re-read every voice. Only used to decide what to delete: a miss costs a recomputation at worst."""
+        st = path.stat()
+        version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if version not in self._digest_memo:
+            if len(self._digest_memo) >= _DIGEST_MEMO_SIZE:
+                self._digest_memo.clear()
+            self._digest_memo[version] = file_digest(path)
+        return self._digest_memo[version]
+
+    def _known_model_ids(self) -> set[str]:
+        model_ids = set(self._model_ids)
+        latents = self.dir / "latents"
+        try:
+            model_ids.update(d.name for d in latents.iterdir() if d.is_dir() and not d.name.startswith("."))
+        except OSError:  # no latents yet, or an unusable cache directory
+            pass
+        return model_ids
+
+    def _decoded_paths(self, digest: str) -> list[Path]:
+        clips_dir = self.dir / "clips"
+        return sorted(clips_dir.glob(f"{digest}-*.npy")) if clips_dir.is_dir() else []
 
     # -- internals --------------------------------------------------------------------------------
     def _memory_get(self, key: str) -> Conditioning | None:

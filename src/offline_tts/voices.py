@@ -9,6 +9,8 @@ checked: no separators, no `..`, no hidden files, and the resolved path must sta
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import shutil
@@ -20,13 +22,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import audio
-from .errors import InvalidAudio, InvalidVoiceName, VoiceExists, VoiceNotFound
+from .errors import InsufficientStorage, InvalidAudio, InvalidVoiceName, VoiceExists, VoiceNotFound
+
+log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .mp3 .ogg .oga .opus .flac .m4a .mp4 .aac .webm .wma .aiff .aif .mka .mkv .mov .3gp .amr .wv .caf .ac3 .mpga".split()
 )
 UPLOAD_NAME_RULE = "1-64 characters: letters, digits, '_' and '-', starting with a letter or digit"
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def disk_full_refused(what: str = "the upload") -> Iterator[None]:
+    """A full disk (or quota) while writing is the server's condition, not a bug: a clear 507 for the
+    client and one warning line in the log, no traceback. Callers remove what was half-written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        log.warning("Refused %s: the disk holding the voices directory is full (%s)", what, exc.strerror)
+        raise InsufficientStorage(
+            "The server's disk is full: the voice could not be stored.",
+            "Nothing was kept. Ask the operator to free space on the server (or raise its quota), then retry.",
+            param="files") from None
 
 
 @dataclass(frozen=True)
@@ -61,8 +84,12 @@ class VoiceStore:
             return False
 
     def _clips_in(self, folder: Path) -> tuple[Path, ...]:
+        try:
+            entries = sorted(folder.iterdir())
+        except (FileNotFoundError, NotADirectoryError):  # deleted (or replaced) while we were listing
+            return ()
         return tuple(
-            p for p in sorted(folder.iterdir())
+            p for p in entries
             if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file() and self._inside(p)
         )
 
@@ -127,7 +154,7 @@ class VoiceStore:
         available = self.names()
         raise VoiceNotFound(
             f"Unknown voice {name!r}. Available voices: {', '.join(available) if available else 'none'}.",
-            f"Put a 5-15 s clip named {name!r} in the voices directory ({self.root}) or upload one with POST /api/voices.",
+            f"Put a 5-15 s clip named {name!r} in the server's voices directory or upload one with POST /api/voices.",
         )
 
     @staticmethod
@@ -142,7 +169,8 @@ class VoiceStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A hidden scratch folder for one upload, removed with whatever is left in it."""
-        path = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        with disk_full_refused():
+            path = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
         try:
             yield path
         finally:
@@ -202,7 +230,7 @@ class VoiceStore:
         name = self.check_upload_name(name)
         if not clips:
             raise ValueError("a voice needs at least one clip")
-        with self._write_lock:
+        with self._write_lock, disk_full_refused():
             self.check_new(name, replace)
             old = self.entries(name)
             trash = staging / ".replaced"

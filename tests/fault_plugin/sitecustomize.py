@@ -11,6 +11,12 @@ Each fault is switched on by an environment variable:
   so a test can SIGKILL the process in the middle of a write.
 - FAULT_DENY_DIR=DIR + FAULT_DENY_ERRNO=EROFS|ENOSPC: creating or writing files inside DIR fails as
   on a read-only or full disk.
+- FAULT_FULL_DIR=DIR + FAULT_FULL_AFTER=BYTES: a file opened for writing by name inside DIR takes at most
+  BYTES; writing more fails with ENOSPC (a disk with that much room left).
+- FAULT_VANISH=PATTERN: a voice whose name matches the fnmatch PATTERN is deleted from the voices directory
+  right after the store lists or resolves it (another request's DELETE landing at the worst moment).
+- FAULT_HOLD_DIR=DIR: while DIR/hold exists, computing a voice's conditioning creates DIR/held and waits
+  until DIR/hold is removed (so a test can act while a voice is being conditioned).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import errno
 import fnmatch
 import io
 import os
+import shutil
 import sys
+import threading
 import time
 
 
@@ -124,6 +132,90 @@ def _patch_deny() -> None:
     os.open, builtins.open, io.open, os.mkdir = os_open, open_, open_, mkdir
 
 
+class _CappedFile:
+    """A file that takes at most `room` more bytes, then fails like a full disk."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _patch_full() -> None:
+    root, room = os.environ["FAULT_FULL_DIR"], int(os.environ["FAULT_FULL_AFTER"])
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and _inside(file, root):
+            return _CappedFile(f, room)
+        return f
+
+    builtins.open, io.open = open_, open_
+
+
+def _patch_vanish() -> None:
+    from offline_tts import voices
+
+    pattern = os.environ["FAULT_VANISH"]
+    original_list, original_resolve = voices.VoiceStore.list, voices.VoiceStore.resolve
+
+    def vanish(voice) -> None:
+        if fnmatch.fnmatch(voice.name, pattern):
+            for path in voice.files:
+                target = path.parent if voice.is_folder else path
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+
+    def list_(self):
+        found = original_list(self)
+        for voice in found:
+            vanish(voice)
+        return found
+
+    def resolve(self, name):
+        voice = original_resolve(self, name)
+        vanish(voice)
+        return voice
+
+    voices.VoiceStore.list, voices.VoiceStore.resolve = list_, resolve
+
+
+def _patch_hold() -> None:
+    from offline_tts.engine import xtts
+
+    hold_dir = os.environ["FAULT_HOLD_DIR"]
+    hold, held = os.path.join(hold_dir, "hold"), os.path.join(hold_dir, "held")
+    original = xtts.XttsEngine.compute_conditioning
+    lock = threading.Lock()
+
+    def compute_conditioning(self, *args, **kwargs):
+        with lock:
+            if os.path.exists(hold):
+                with open(held, "w"):
+                    pass
+                while os.path.exists(hold):
+                    time.sleep(0.05)
+        return original(self, *args, **kwargs)
+
+    xtts.XttsEngine.compute_conditioning = compute_conditioning
+
+
 # Only in the server process (the `offline-tts` console script), never in ffmpeg helpers or pip.
 if os.path.basename(sys.argv[0] if sys.argv else "") == "offline-tts":
     if os.environ.get("FAULT_TEXT") or os.environ.get("FAULT_LOAD_GATE"):
@@ -132,3 +224,9 @@ if os.path.basename(sys.argv[0] if sys.argv else "") == "offline-tts":
         _patch_pause()
     if os.environ.get("FAULT_DENY_DIR"):
         _patch_deny()
+    if os.environ.get("FAULT_FULL_DIR"):
+        _patch_full()
+    if os.environ.get("FAULT_VANISH"):
+        _patch_vanish()
+    if os.environ.get("FAULT_HOLD_DIR"):
+        _patch_hold()

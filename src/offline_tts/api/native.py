@@ -69,10 +69,7 @@ async def root(service: TTSService = Depends(get_service)) -> dict:
 @router.post("/api/config", summary="Set the default voice and/or language")
 async def set_config(body: ConfigRequest, service: TTSService = Depends(get_service)) -> dict:
     clear_voice = "voice_sample" in body.model_fields_set and body.voice_sample is None
-    defaults = await service.set_defaults(body.voice_sample, body.language)
-    if clear_voice:
-        defaults = Defaults(voice_sample=None, language=defaults.language)
-        service.defaults.save(defaults)
+    defaults = await service.set_defaults(body.voice_sample, body.language, clear_voice=clear_voice)
     message = "Defaults updated."
     if body.voice_sample:
         message += f" Voice {body.voice_sample!r} is conditioned and cached."

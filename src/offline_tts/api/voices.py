@@ -3,7 +3,8 @@
 Uploads are streamed straight from the request into a staging folder with python-multipart's parser,
 so a file over the size limit is refused as soon as it crosses it, not after it has been received.
 Nothing reaches the voices directory before the clips are known to be decodable, long enough and
-usable for conditioning.
+usable for conditioning; a refused upload leaves nothing behind, neither in the voices directory nor
+in the cache (a full disk is a 507).
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from .. import audio
-from ..errors import InvalidAudio, TTSError, UploadTooLarge
+from ..errors import InvalidAudio, TTSError, UploadTooLarge, VoiceNotFound
 from ..service import TTSService
-from ..voices import AUDIO_EXTENSIONS, Voice, VoiceStore
+from ..voices import AUDIO_EXTENSIONS, Voice, VoiceStore, disk_full_refused
 from .deps import get_service
 from .middleware import UPLOAD_FILES_PER_REQUEST
 
@@ -85,7 +86,13 @@ async def list_voices(service: TTSService = Depends(get_service)) -> dict:
     store = service.voices
 
     def collect() -> list[dict]:
-        return [describe(v, store, service) for v in store.list()]
+        items = []
+        for voice in store.list():
+            try:
+                items.append(describe(voice, store, service))
+            except FileNotFoundError:  # deleted since the folder was listed: it is gone, not an error
+                continue
+        return items
 
     return {"voices": await asyncio.to_thread(collect)}
 
@@ -147,7 +154,8 @@ class _UploadReader:
         suffix = Path(self._label).suffix.lower()
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(self._label).stem)[:40].strip("_") or "clip"
         path = self.dest / f"{len(self.files) + 1:02d}_{stem}{suffix if suffix in AUDIO_EXTENSIONS else '.upload'}"
-        self._out = path.open("xb")
+        with disk_full_refused():
+            self._out = path.open("xb")
         self.files.append((self._label, path))
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -163,7 +171,8 @@ class _UploadReader:
         if self._size > self.max_file_bytes:
             raise UploadTooLarge(f"'{self._label}' is larger than the limit of {self.max_file_bytes} bytes.",
                                  "A 5-15 s clip is plenty (a few hundred KB as MP3); or raise TTS_MAX_UPLOAD_BYTES.")
-        self._out.write(data[start:end])
+        with disk_full_refused():
+            self._out.write(data[start:end])
 
     def _part_end(self) -> None:
         if self._out is not None:
@@ -175,8 +184,9 @@ class _UploadReader:
 
     def close(self) -> None:
         if self._out is not None:
-            self._out.close()
-            self._out = None
+            out, self._out = self._out, None
+            with disk_full_refused():  # closing flushes the last buffered bytes
+                out.close()
 
 
 async def _read_upload(request: Request, reader: _UploadReader) -> None:
@@ -191,6 +201,9 @@ async def _read_upload(request: Request, reader: _UploadReader) -> None:
         async for chunk in stream:
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:  # python-multipart's finalize() does not check this
+            raise BadUpload("The upload is incomplete: the body ended before the form's closing boundary.",
+                            "The connection was probably cut: send the whole form again.")
     except MultipartParseError as exc:
         raise BadUpload(f"Malformed multipart body: {exc}.", "Send a form with 'name' and 'files'.") from None
     except TTSError:
@@ -217,18 +230,63 @@ def _as_bool(value: str | None, param: str) -> bool:
     raise BadUpload(f"Invalid value {text[:20]!r} for {param!r}.", "Use true or false.", param=param)
 
 
+async def _receive(request: Request, staging: Path, max_file_bytes: int) -> _UploadReader:
+    """The form, its files written into `staging`/clips as they arrive."""
+    clips_dir = staging / "clips"
+    clips_dir.mkdir()
+    reader = _UploadReader(clips_dir, max_file_bytes, UPLOAD_FILES_PER_REQUEST)
+    await _read_upload(request, reader)
+    return reader
+
+
+async def _condition(service: TTSService, staged: Voice, labels: list[str]) -> None:
+    """Decode, check for silence, compute and cache the latents; errors name the uploaded files."""
+    try:
+        await service.conditioning(staged)
+    except InvalidAudio as exc:  # name the uploaded file, not its staged copy
+        for label, path in zip(labels, staged.files, strict=True):
+            exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
+        exc.param = "files"
+        raise
+
+
+def _digests_if_present(service: TTSService, voice: Voice) -> list[str] | None:
+    try:
+        return service.cache.clip_digests(voice)
+    except VoiceNotFound:  # deleted meanwhile: nothing of it to release later
+        return None
+
+
+async def _condition_and_commit(service: TTSService, name: str, clips: list[Path], labels: list[str],
+                                staging: Path, replace: bool) -> tuple[Voice, bool]:
+    """Condition the staged voice, then move it into place; returns it and whether it replaced one.
+    Any refusal on the way (a silent clip, the name taken meanwhile, a full disk...) releases the cache
+    entries made for it, and a replaced voice's entries go too (unless another voice uses them)."""
+    store, cache = service.voices, service.cache
+    staged = Voice(name, tuple(clips), is_folder=len(clips) > 1)
+    digests = await asyncio.to_thread(cache.clip_digests, staged)
+    try:
+        await _condition(service, staged, labels)
+        old = [v for v in await asyncio.to_thread(store.list) if v.name == name] if replace else []
+        old_digests = [await asyncio.to_thread(_digests_if_present, service, v) for v in old]
+        voice = await asyncio.to_thread(store.commit, name, clips, staging, replace)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(cache.release, digests))  # even when the client went away
+        raise
+    for previous in old_digests:
+        if previous is not None:
+            await asyncio.to_thread(cache.release, previous)
+    return voice, bool(old)
+
+
 @router.post("/api/voices", status_code=201, summary="Upload a voice: one clip, or several clips of one speaker",
              responses={201: {"description": "Stored and conditioned, ready to use"}})
 async def upload_voice(request: Request, service: TTSService = Depends(get_service)) -> JSONResponse:
     """Multipart form: `name` (letters, digits, `_`, `-`), `files` (one or more clips, any format ffmpeg
     reads, 5-15 s ideal) and `replace` (true to overwrite an existing voice)."""
     settings, store = service.settings, service.voices
-    with store.staging() as staging:
-        clips_dir = staging / "clips"
-        clips_dir.mkdir()
-        reader = _UploadReader(clips_dir, settings.max_upload_bytes, UPLOAD_FILES_PER_REQUEST)
-        await _read_upload(request, reader)
-
+    with store.staging() as staging, disk_full_refused():
+        reader = await _receive(request, staging, settings.max_upload_bytes)
         name = store.check_upload_name(reader.fields.get("name", ""))
         replace = _as_bool(reader.fields.get("replace"), "replace")
         if not reader.files:
@@ -241,22 +299,9 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
                     for label, path in reader.files]
 
         clips = await asyncio.to_thread(check_all)
-        staged = Voice(name, tuple(clips), is_folder=len(clips) > 1)
-        try:
-            await service.conditioning(staged)  # decodes, checks for silence, computes and caches the latents
-        except InvalidAudio as exc:  # name the uploaded file, not its staged copy
-            for (label, _), path in zip(reader.files, clips, strict=True):
-                exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
-            exc.param = "files"
-            raise
-
-        old = [v for v in store.list() if v.name == name] if replace else []
-        new_digests = await asyncio.to_thread(service.cache.clip_digests, staged)
-        for previous in old:  # drop the replaced clips' latents (they are found by hashing the old files)
-            if await asyncio.to_thread(service.cache.clip_digests, previous) != new_digests:
-                await asyncio.to_thread(service.cache.forget, previous)
-        voice = await asyncio.to_thread(store.commit, name, clips, staging, replace)
-    log.info("Voice %r stored (%d clip(s))%s", name, len(clips), " replacing the old one" if old else "")
+        labels = [label for label, _ in reader.files]
+        voice, replaced = await _condition_and_commit(service, name, clips, labels, staging, replace)
+    log.info("Voice %r stored (%d clip(s))%s", name, len(clips), " replacing the old one" if replaced else "")
     return JSONResponse({"voice": await asyncio.to_thread(describe, voice, store, service)}, status_code=201)
 
 
@@ -264,9 +309,11 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
 async def delete_voice(name: str, service: TTSService = Depends(get_service)) -> dict:
     store = service.voices
     voice = store.resolve(name)
-    await asyncio.to_thread(service.cache.forget, voice)  # hashes the clips: before they are gone
+    digests = await asyncio.to_thread(service.cache.clip_digests, voice)  # hashes the clips: before they are gone
     removed = await asyncio.to_thread(store.delete, name)
+    # After the clips are gone: a conditioning of this voice still running sees them gone and cleans up
+    # itself, or wrote its entries before this releases them (latents and decoded clips).
+    await asyncio.to_thread(service.cache.release, digests)
     service.clear_default_voice_if(removed)
     log.info("Voice %r deleted", removed.name)
     return {"status": "ok", "message": f"Voice {removed.name!r} deleted.", "deleted": removed.name}
-
