@@ -74,7 +74,12 @@ def describe(voice: Voice, store: VoiceStore, service: TTSService) -> dict:
         "sample_rate": first.sample_rate if first else None,
         "channels": first.channels if first else None,
         "cached": bool(model_id) and service.cache.is_cached(voice, model_id),
+        "language": None,  # the voice's own language (its settings file); None: the default language
     }
+    try:
+        item["language"] = service.voice_language(voice) if service.ready else store.language(voice)
+    except TTSError as exc:
+        errors.append(exc.message)
     if errors:
         item["error"] = "; ".join(errors)
     return item
@@ -137,7 +142,7 @@ class _UploadReader:
         filename = options.get(b"filename")
         if filename is None:
             if len(self.fields) >= _MAX_FIELDS:
-                raise BadUpload("Too many form fields.", "Send 'name', 'files' and optionally 'replace'.")
+                raise BadUpload("Too many form fields.", "Send 'name', 'files' and optionally 'replace' and 'language'.")
             return
         if self._field not in FILE_FIELDS:
             raise BadUpload(f"Unexpected file field {self._field[:40]!r}.", "Send the clips in the 'files' field.")
@@ -221,7 +226,8 @@ def _as_bool(value: str | None, param: str) -> bool:
              responses={201: {"description": "Stored and conditioned, ready to use"}})
 async def upload_voice(request: Request, service: TTSService = Depends(get_service)) -> JSONResponse:
     """Multipart form: `name` (letters, digits, `_`, `-`), `files` (one or more clips, any format ffmpeg
-    reads, 5-15 s ideal) and `replace` (true to overwrite an existing voice)."""
+    reads, 5-15 s ideal), `replace` (true to overwrite an existing voice) and `language` (optional: the
+    voice's own language, used when a request names none; `auto` detects it from each text)."""
     settings, store = service.settings, service.voices
     with store.staging() as staging:
         clips_dir = staging / "clips"
@@ -231,6 +237,9 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
 
         name = store.check_upload_name(reader.fields.get("name", ""))
         replace = _as_bool(reader.fields.get("replace"), "replace")
+        language = reader.fields.get("language", "").strip() or None
+        if language:  # the voice's own language: requests without one speak it ("auto": detect)
+            language = service.check_language(language)
         if not reader.files:
             raise BadUpload("No audio file in the upload.", "Send one or more clips in the 'files' field.")
         store.check_new(name, replace)
@@ -256,6 +265,8 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
             if await asyncio.to_thread(service.cache.clip_digests, previous) != new_digests:
                 await asyncio.to_thread(service.cache.forget, previous)
         voice = await asyncio.to_thread(store.commit, name, clips, staging, replace)
+        if language:
+            await asyncio.to_thread(store.save_language, name, language)
     log.info("Voice %r stored (%d clip(s))%s", name, len(clips), " replacing the old one" if old else "")
     return JSONResponse({"voice": await asyncio.to_thread(describe, voice, store, service)}, status_code=201)
 
