@@ -80,12 +80,14 @@ def test_text_too_short_to_tell_gets_the_fallback(text: str) -> None:
 
 
 # -- over HTTP, the shared server (TTS_LANGUAGE=es, voices without a language) ---------------------
-@pytest.mark.parametrize("code", ["zh", "zh-CN", "zh_cn"])
-def test_plain_and_regional_chinese_codes_are_accepted(server: ServerProcess, code: str) -> None:
+def test_plain_and_regional_codes_are_accepted(server: ServerProcess) -> None:
     with server.client() as c:
-        r = c.post("/api/tts/batch", json={"text": "你好，世界。", "voice_sample": "ana", "language": code})
+        r = c.post("/api/tts/batch", json={"text": "你好，世界。", "voice_sample": "ana", "language": "zh"})
         assert r.status_code == 200, r.text
         assert r.headers["content-language"] == "zh-cn"
+        for code, expected in [("zh-CN", "zh-cn"), ("zh_cn", "zh-cn"), ("es-ES", "es"), ("pt-BR", "pt")]:
+            body = {"text": "你好，世界。", "voice_sample": "ana", "language": code}
+            assert spoken_language(c, "/api/tts/stream", body) == expected
 
 
 @pytest.mark.parametrize(("path", "field"), [("/api/tts/stream", "text"), ("/v1/audio/speech", "input")])

@@ -121,6 +121,11 @@ class TTSService:
                 await self.conditioning(self.voices.resolve(self.defaults.current.voice_sample))
             except TTSError as exc:
                 log.warning("Default voice %r is not usable: %s", self.defaults.current.voice_sample, exc.message)
+        try:
+            if self.default_language() == languages.AUTO:  # load the detector now, not in the first request
+                await asyncio.to_thread(languages.detect, "warm up", self.languages, self.languages[0])
+        except TTSError as exc:
+            log.warning("Default language: %s %s", exc.message, exc.hint)
 
     async def _warm_up(self) -> None:
         """One tiny generation per replica so the first real request does not pay for lazy init."""
