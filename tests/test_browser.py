@@ -134,7 +134,7 @@ def test_page_loads_and_lists_voices(ui: Page) -> None:
     assert {"ana", "my_voice_sample"} <= set(voice_names(page))
     assert page.input_value("#language") == "es"
     languages = page.eval_on_selector_all("#language option", "options => options.map(o => o.value)")
-    assert len(languages) == 17 and {"en", "zh-cn", "hi"} <= set(languages)
+    assert len(languages) == 18 and {"en", "zh-cn", "hi", "auto"} <= set(languages)  # 17 + auto (detect)
     formats = page.eval_on_selector_all("#format option", "options => options.map(o => o.value)")
     assert formats == ["wav", "mp3", "opus", "aac", "flac"]
     # Every control has a label (accessibility).

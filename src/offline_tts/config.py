@@ -39,7 +39,10 @@ class Settings(BaseSettings):
 
     # Model
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when CUDA is available, else the CPU")
-    language: str = Field("es", description="Default language when neither the request nor /api/config gives one")
+    language: str = Field("es", description="Default language when neither the request, its voice nor /api/config gives one; "
+                                             "auto: detect it from each text (es, en, zh or zh-CN, ...)")
+    language_fallback: str = Field("en", description="Language auto: the language of a text too short or ambiguous to "
+                                                     "detect, when neither its voice nor the default names one")
     accept_license: bool = Field(False, description="Accept the Coqui Public Model License so the model may be downloaded")
     model_url: str = Field(DEFAULT_MODEL_URL, description="Where the XTTS-v2 files are downloaded from")
     download: bool = Field(True, description="Download the model when it is missing (needs accept_license)")
@@ -116,7 +119,7 @@ class Settings(BaseSettings):
             return v.strip() or None
         return v
 
-    @field_validator("language")
+    @field_validator("language", "language_fallback")
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.strip().lower()

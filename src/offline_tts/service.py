@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import language as languages
 from . import metrics
 from . import text as text_utils
 from .config import Settings
@@ -129,6 +130,11 @@ class TTSService:
                 await self.conditioning(self.voices.resolve(self.defaults.current.voice_sample))
             except TTSError as exc:
                 log.warning("Default voice %r is not usable: %s", self.defaults.current.voice_sample, exc.message)
+        try:
+            if self.default_language() == languages.AUTO:  # load the detector now, not in the first request
+                await asyncio.to_thread(languages.detect, "warm up", self.languages, self.languages[0])
+        except TTSError as exc:
+            log.warning("Default language: %s %s", exc.message, exc.hint)
 
     async def _warm_up(self) -> None:
         """One tiny generation per replica so the first real request does not pay for lazy init."""
@@ -174,13 +180,46 @@ class TTSService:
         return text
 
     def check_language(self, language: str | None) -> str:
-        lang = (language or self.defaults.current.language or self.settings.language).strip().lower()
-        supported = self.languages
-        if lang in supported:
-            return lang
-        if lang.split("-")[0] in supported:  # "es-ES" -> "es"
-            return lang.split("-")[0]
-        raise UnsupportedLanguage(f"Unsupported language {lang!r}.", f"Supported languages: {', '.join(supported)}.")
+        """A language code from a client or a setting as the model's code ("zh" -> "zh-cn"), or "auto"."""
+        return languages.normalize(language, self.languages)
+
+    def default_language(self) -> str:
+        """The language for requests and voices that name none: /api/config's, else TTS_LANGUAGE."""
+        return self.check_language(self.defaults.current.language or self.settings.language)
+
+    def voice_language(self, voice: Voice) -> str | None:
+        """The voice's own language (its settings file), None when it has none."""
+        code = self.voices.language(voice)
+        if code is None:
+            return None
+        try:
+            return self.check_language(code)
+        except UnsupportedLanguage as exc:
+            exc.message = f"Voice {voice.name!r} is set to an unsupported language {code[:20]!r}."
+            exc.hint = f"Fix or delete {voice.name}.json in the voices directory. " + exc.hint
+            raise
+
+    def _language_choices(self, requested: str | None, voice: Voice) -> Iterator[str | None]:
+        """Where a request's language comes from, in order of precedence; read lazily, so a broken
+        setting further down does not matter when an earlier one decides."""
+        yield requested
+        yield self.voice_language(voice)
+        yield self.default_language()
+        yield languages.normalize(self.settings.language_fallback, self.languages, allow_auto=False)
+
+    async def resolve_language(self, text: str, requested: str | None, voice: Voice) -> str:
+        """The language to speak `text` in: the request's, else the voice's, else the default. "auto"
+        (wherever it comes from) detects it from the text; text too short or ambiguous to tell is spoken in
+        the next language named after the "auto" (the voice's, the default, then TTS_LANGUAGE_FALLBACK)."""
+        detect = False
+        for choice in self._language_choices(requested, voice):
+            if choice == languages.AUTO:
+                detect = True
+            elif choice:
+                break
+        if not detect:
+            return choice
+        return await asyncio.to_thread(languages.detect, text, self.languages, choice)
 
     def resolve_voice(self, name: str | None) -> Voice:
         name = name or self.defaults.current.voice_sample
@@ -198,8 +237,9 @@ class TTSService:
         """Validate a request and get its voice conditioning: everything that can fail before audio starts."""
         pool = self.require_pool()
         text = self.check_text(text)
-        lang = self.check_language(language)
+        requested = self.check_language(language) if language and language.strip() else None
         resolved = self.resolve_voice(voice)
+        lang = await self.resolve_language(text, requested, resolved)
         sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
         metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
         pool.admit()  # raises Busy (503) when the line is full

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import audio
-from .errors import InsufficientStorage, InvalidAudio, InvalidVoiceName, VoiceExists, VoiceNotFound
+from .errors import InsufficientStorage, InvalidAudio, InvalidVoiceName, UnsupportedLanguage, VoiceExists, VoiceNotFound
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ AUDIO_EXTENSIONS = frozenset(
 )
 UPLOAD_NAME_RULE = "1-64 characters: letters, digits, '_' and '-', starting with a letter or digit"
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SETTINGS_SUFFIX = ".json"  # `voices/<name>.json` beside a voice's clip or folder: {"language": "en"}
+_MAX_SETTINGS_BYTES = 4096
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -163,6 +167,44 @@ class VoiceStore:
             raise InvalidVoiceName(f"Invalid voice name {str(name)[:80]!r}.", f"A voice name is {UPLOAD_NAME_RULE}.", param="name")
         return name
 
+    # -- per-voice settings -----------------------------------------------------------------------
+    # A voice's settings live in `<name>.json` beside its clip or folder (not in the folder: a one-clip
+    # voice has none), so an operator can write one by hand for a dropped clip; today: its language.
+    def settings_file(self, name: str) -> Path:
+        return self.root / f"{name}{SETTINGS_SUFFIX}"
+
+    def language(self, voice: Voice) -> str | None:
+        """The language code written in the voice's settings file, unchecked (None: it sets none)."""
+        path = self.settings_file(voice.name)
+        if not path.is_file():  # no settings (a folder or FIFO of that name is not a settings file either)
+            return None
+        problem = f"Voice {voice.name!r} has an unusable settings file ({path.name})"
+        hint = 'Fix or delete it (it holds JSON like {"language": "en"}), or upload the voice again with a language.'
+        if not self._inside(path):
+            raise UnsupportedLanguage(f"{problem}: it points outside the voices directory.", hint)
+        try:
+            with path.open("rb") as f:
+                raw = f.read(_MAX_SETTINGS_BYTES + 1)
+        except FileNotFoundError:  # deleted meanwhile
+            return None
+        except OSError as exc:  # its message would name the server's path
+            raise UnsupportedLanguage(f"{problem}: {type(exc).__name__}.", hint) from None
+        try:
+            if len(raw) > _MAX_SETTINGS_BYTES:
+                raise ValueError(f"larger than {_MAX_SETTINGS_BYTES} bytes")
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise UnsupportedLanguage(f"{problem}: {exc}.", hint) from None
+        language = data.get("language") if isinstance(data, dict) else None
+        if language is not None and not isinstance(language, str):
+            raise UnsupportedLanguage(f"{problem}: 'language' is not a string.", hint)
+        return language or None
+
+    def save_language(self, name: str, language: str) -> None:
+        """Write the voice's settings file (atomically: readers see the old one or the new one)."""
+        with atomic_write(self.settings_file(self.check_upload_name(name)), "w", encoding="utf-8") as f:
+            json.dump({"language": language}, f)
+
     # -- saving and deleting ----------------------------------------------------------------------
     # Uploads are staged in a hidden folder inside the voices directory (same filesystem, so moving
     # them into place is a rename: readers see the old voice or the new one, never half of one).
@@ -266,4 +308,6 @@ class VoiceStore:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 entry.unlink()
+            if not self.entries(voice.name):  # its settings go with its last clip
+                self.settings_file(voice.name).unlink(missing_ok=True)
         return voice

@@ -22,14 +22,15 @@ router = APIRouter()
 class ConfigRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"voice_sample": "my_voice_sample.wav", "language": "es"}})
     voice_sample: str | None = Field(None, max_length=255, description="Default voice (file name in voices/, extension optional); null clears it")
-    language: str | None = Field(None, max_length=16, description="Default language, e.g. es, en")
+    language: str | None = Field(None, max_length=16, description="Default language, e.g. es, en, zh; auto: detect it from each text")
 
 
 class TTSRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {"text": "Hola mundo.", "voice_sample": "my_voice_sample.mp3", "language": "es"}})
     text: str = Field(..., description="Text to speak; long text is split into sentences")
     voice_sample: str | None = Field(None, max_length=255, description="Voice: a clip file name in voices/ (extension optional); default from /api/config")
-    language: str | None = Field(None, max_length=16, description="Language code (es, en, fr, ...); default from /api/config")
+    language: str | None = Field(None, max_length=16, description="Language code (es, en, zh, pt-BR, ...) or auto (detect it "
+                                                                  "from the text); default: the voice's language, else /api/config's")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Speaking rate")
     format: str | None = Field(None, max_length=8, description="Output: wav (default), mp3, opus, aac, flac or pcm (raw 24 kHz mono s16le)")
 
@@ -45,6 +46,7 @@ class AudioStreamResponse(StreamingResponse):
     def __init__(self, content, job: SynthesisJob, **kwargs):
         super().__init__(content, **kwargs)
         self.job = job
+        self.headers["Content-Language"] = job.language  # the language spoken (e.g. the one detected)
 
     async def stream_response(self, send) -> None:
         try:
@@ -106,9 +108,11 @@ async def tts_batch(body: TTSRequest, service: TTSService = Depends(get_service)
     job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
     stats = Stats()
     wav = await service.synthesize(job, stats)
+    headers = {"Content-Language": job.language}  # the language spoken (e.g. the one detected)
     if fmt.name == "wav":
-        return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav")
-    return Response(await encoders.encode_all(wav, fmt, service.engine.sample_rate), media_type=fmt.media_type)
+        return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav", headers=headers)
+    return Response(await encoders.encode_all(wav, fmt, service.engine.sample_rate), media_type=fmt.media_type,
+                    headers=headers)
 
 
 @router.post("/api/tts/stream", summary="Stream audio while it is generated (WAV header, then PCM16 chunks)",

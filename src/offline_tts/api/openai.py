@@ -59,7 +59,8 @@ class SpeechRequest(BaseModel):
     speed: float | None = Field(None, description="0.25 to 4.0 (default 1.0)")
     stream_format: str | None = Field(None, description="audio (default): the audio bytes; sse: server-sent events")
     instructions: str | None = Field(None, description="Accepted for compatibility and ignored")
-    language: str | None = Field(None, max_length=16, description="Extension: language code (default from /api/config)")
+    language: str | None = Field(None, max_length=16, description="Extension: language code or auto (detect it); default: "
+                                                                  "the voice's language, else /api/config's")
 
 
 def accepted_models(service: TTSService) -> list[str]:

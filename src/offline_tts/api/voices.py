@@ -75,7 +75,12 @@ def describe(voice: Voice, store: VoiceStore, service: TTSService) -> dict:
         "sample_rate": first.sample_rate if first else None,
         "channels": first.channels if first else None,
         "cached": bool(model_id) and service.cache.is_cached(voice, model_id),
+        "language": None,  # the voice's own language (its settings file); None: the default language
     }
+    try:
+        item["language"] = service.voice_language(voice) if service.ready else store.language(voice)
+    except TTSError as exc:
+        errors.append(exc.message)
     if errors:
         item["error"] = "; ".join(errors)
     return item
@@ -144,7 +149,7 @@ class _UploadReader:
         filename = options.get(b"filename")
         if filename is None:
             if len(self.fields) >= _MAX_FIELDS:
-                raise BadUpload("Too many form fields.", "Send 'name', 'files' and optionally 'replace'.")
+                raise BadUpload("Too many form fields.", "Send 'name', 'files' and optionally 'replace' and 'language'.")
             return
         if self._field not in FILE_FIELDS:
             raise BadUpload(f"Unexpected file field {self._field[:40]!r}.", "Send the clips in the 'files' field.")
@@ -283,12 +288,16 @@ async def _condition_and_commit(service: TTSService, name: str, clips: list[Path
              responses={201: {"description": "Stored and conditioned, ready to use"}})
 async def upload_voice(request: Request, service: TTSService = Depends(get_service)) -> JSONResponse:
     """Multipart form: `name` (letters, digits, `_`, `-`), `files` (one or more clips, any format ffmpeg
-    reads, 5-15 s ideal) and `replace` (true to overwrite an existing voice)."""
+    reads, 5-15 s ideal), `replace` (true to overwrite an existing voice) and `language` (optional: the
+    voice's own language, used when a request names none; `auto` detects it from each text)."""
     settings, store = service.settings, service.voices
     with store.staging() as staging, disk_full_refused():
         reader = await _receive(request, staging, settings.max_upload_bytes)
         name = store.check_upload_name(reader.fields.get("name", ""))
         replace = _as_bool(reader.fields.get("replace"), "replace")
+        language = reader.fields.get("language", "").strip() or None
+        if language:  # the voice's own language: requests without one speak it ("auto": detect)
+            language = service.check_language(language)
         if not reader.files:
             raise BadUpload("No audio file in the upload.", "Send one or more clips in the 'files' field.")
         store.check_new(name, replace)
@@ -301,6 +310,8 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
         clips = await asyncio.to_thread(check_all)
         labels = [label for label, _ in reader.files]
         voice, replaced = await _condition_and_commit(service, name, clips, labels, staging, replace)
+        if language:
+            await asyncio.to_thread(store.save_language, name, language)
     log.info("Voice %r stored (%d clip(s))%s", name, len(clips), " replacing the old one" if replaced else "")
     return JSONResponse({"voice": await asyncio.to_thread(describe, voice, store, service)}, status_code=201)
 

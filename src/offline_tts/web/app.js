@@ -7,7 +7,7 @@ const API = new URL("..", document.baseURI); // the service root, also behind a 
 const LANGUAGES = {
   es: "Spanish", en: "English", fr: "French", de: "German", it: "Italian", pt: "Portuguese", pl: "Polish",
   tr: "Turkish", ru: "Russian", nl: "Dutch", cs: "Czech", ar: "Arabic", "zh-cn": "Chinese", hu: "Hungarian",
-  ko: "Korean", ja: "Japanese", hi: "Hindi",
+  ko: "Korean", ja: "Japanese", hi: "Hindi", auto: "Detect from the text",
 };
 const FORMATS = {
   wav: { mime: "audio/wav", ext: "wav" }, mp3: { mime: "audio/mpeg", ext: "mp3" },
