@@ -39,7 +39,7 @@ class LimitedHeadersProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # counted from the parser's callbacks (completed pieces)
         self._unparsed_bytes = 0  # reads that ended inside the headers (what the parser buffers)
         self._header_count = 0
-        self._refusal: str | None = None
+        self._refusal: tuple[str, str] | None = None  # (message, setting) once the request is refused
 
     # -- counting ---------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -49,6 +49,7 @@ class LimitedHeadersProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._refusal is None and self._reading_headers and not self._message_ended:
             # The whole read belongs to headers that are still incomplete: httptools holds it in memory.
+            # (A read that also ended the previous request is left out: at most one read goes uncounted.)
             self._unparsed_bytes += len(data)
             if self._unparsed_bytes > self.max_header_bytes:
                 self._refuse(self._size_message())
