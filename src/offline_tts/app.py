@@ -16,6 +16,7 @@ from .api import voices as voices_api
 from .api.errors import install_error_handlers
 from .api.middleware import install_middleware
 from .config import Settings, get_settings
+from .errors import without_paths
 from .metrics import Metrics
 from .service import EngineFactory, TTSService
 
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 await service.load()
                 log.info("TTS service online at http://%s:%d (docs: /docs, playground: /ui)", settings.host, settings.port)
             except Exception as exc:
-                service.state, service.error = "failed", str(exc)
+                service.state, service.error = "failed", without_paths(str(exc))  # shown on /ready: no server paths
                 log.error("Model could not be loaded: %s", exc)
                 if app.state.on_fatal is not None:  # `offline-tts serve` stops: a server that can never be ready
                     app.state.on_fatal()
