@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     stream_chunk_tokens: int = Field(24, ge=1, description="Audio tokens in the second streamed chunk; later ones double")
     stream_max_chunk_tokens: int = Field(96, ge=1, description="Largest streamed chunk, in audio tokens")
     stream_context_tokens: int = Field(4, ge=0, description="Left context decoded with each chunk so seams match the one-shot decode")
+    stream_max_buffer_seconds: float = Field(
+        30.0, ge=0, description="A stream whose client stops reading is dropped once this much audio waits unread (0 = no limit)")
+    stream_stall_seconds: float = Field(
+        60.0, ge=0, description="A stream is dropped when its client takes no data for this long (0 = no limit)")
 
     # Capacity
     workers: int = Field(1, ge=1, description="Model replicas, each with its own lock")

@@ -100,3 +100,10 @@ class Unauthorized(TTSError):
     status_code = 401
     code = "unauthorized"
     error_type = "authentication_error"
+
+
+class RequestCancelled(TTSError):
+    """The client hung up while its request was being served (logged as 499, nginx's "client closed request")."""
+
+    status_code = 499
+    code = "client_closed_request"

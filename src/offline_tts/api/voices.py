@@ -222,6 +222,13 @@ def _as_bool(value: str | None, param: str) -> bool:
 async def upload_voice(request: Request, service: TTSService = Depends(get_service)) -> JSONResponse:
     """Multipart form: `name` (letters, digits, `_`, `-`), `files` (one or more clips, any format ffmpeg
     reads, 5-15 s ideal) and `replace` (true to overwrite an existing voice)."""
+    # Conditioning uses the model: the upload takes a place in the line like a synthesis, before its body
+    # is read, so a refused upload (503 + Retry-After) reads and stores nothing.
+    async with service.admission():
+        return await _store_upload(request, service)
+
+
+async def _store_upload(request: Request, service: TTSService) -> JSONResponse:
     settings, store = service.settings, service.voices
     with store.staging() as staging:
         clips_dir = staging / "clips"
