@@ -256,3 +256,25 @@ def test_uploads_and_config_are_refused_when_the_line_is_full(one_worker: Server
     assert r.status_code == 201, r.text
     assert httpx.post(srv.url + "/api/config", json={"voice_sample": "ana"}, timeout=60).status_code == 200
     httpx.delete(srv.url + "/api/voices/carla", timeout=30).raise_for_status()
+
+
+# -- item 19: TTS_SEED with several workers ------------------------------------------------------------
+def test_a_seed_gives_the_same_audio_whatever_runs_beside(start_server) -> None:
+    srv = start_server({"TTS_WORKERS": "2", "TTS_SEED": "1234", "TTS_GREEDY": "false"}, run=False)
+    make_clip(srv.voices_dir / "ana.wav", seconds=6)
+    srv.start(timeout=300)  # two replicas to load
+    mine = {"text": "Hola, esto es una prueba. Y una frase más.", "voice_sample": "ana", "format": "pcm"}
+    other = {"text": "Otra petición, con otras palabras, al mismo tiempo.", "voice_sample": "ana", "format": "pcm"}
+
+    def speak(body: dict) -> bytes:
+        r = httpx.post(srv.url + "/api/tts/batch", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.content
+
+    alone = speak(mine)
+    assert alone and speak(mine) == alone
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            side = pool.submit(speak, other)
+            assert speak(mine) == alone, "the seed did not reproduce the audio while another request ran"
+            side.result()
