@@ -56,13 +56,17 @@ class Settings(BaseSettings):
     top_p: float = Field(0.85, gt=0, le=1, description="Nucleus sampling (XTTS default)")
     repetition_penalty: float = Field(10.0, gt=0, description="Repetition penalty (XTTS default)")
     greedy: bool = Field(False, description="Greedy decoding (deterministic output; for tests)")
-    seed: int | None = Field(None, description="Seed torch's RNG before each sentence (reproducible output)")
+    seed: int | None = Field(None, description="Each sentence samples from its own RNG seeded with this (reproducible with any TTS_WORKERS)")
 
     # Streaming
     stream_first_chunk_tokens: int = Field(8, ge=1, description="Audio tokens in the first streamed chunk (small = early first audio)")
     stream_chunk_tokens: int = Field(24, ge=1, description="Audio tokens in the second streamed chunk; later ones double")
     stream_max_chunk_tokens: int = Field(96, ge=1, description="Largest streamed chunk, in audio tokens")
     stream_context_tokens: int = Field(4, ge=0, description="Left context decoded with each chunk so seams match the one-shot decode")
+    stream_max_buffer_seconds: float = Field(
+        30.0, ge=0, description="A stream whose client stops reading is dropped once this much audio waits unread (0 = no limit)")
+    stream_stall_seconds: float = Field(
+        60.0, ge=0, description="A stream is dropped when its client takes no data for this long (0 = no limit)")
 
     # Capacity
     workers: int = Field(1, ge=1, description="Model replicas, each with its own lock")

@@ -119,3 +119,10 @@ def without_paths(text: str) -> str:
     """`text` (e.g. an exception's message shown to a client) with absolute paths reduced to their last
     component, so API clients do not learn the server's filesystem layout."""
     return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
+class RequestCancelled(TTSError):
+    """The client hung up while its request was being served (logged as 499, nginx's "client closed request")."""
+
+    status_code = 499
+    code = "client_closed_request"

@@ -94,8 +94,14 @@ class _ServiceCollector(Collector):
         yield GaugeMetricFamily("tts_workers", "Model replicas", value=pool.size if pool else 0)
         yield GaugeMetricFamily("tts_workers_busy", "Model replicas generating right now", value=pool.busy if pool else 0)
         yield GaugeMetricFamily("tts_queue_depth", "Admitted requests waiting for a worker", value=pool.waiting if pool else 0)
-        yield GaugeMetricFamily("tts_requests_in_progress", "Admitted synthesis requests (running or waiting)",
+        yield GaugeMetricFamily("tts_requests_in_progress",
+                                "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",
                                 value=pool.admitted if pool else 0)
+        dropped = CounterMetricFamily("tts_streams_dropped", "Streams dropped because their client stopped reading",
+                                      labels=["reason"])
+        for reason, count in sorted(service.streams_dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
         yield GaugeMetricFamily("tts_queue_limit", "Requests allowed to wait before 503", value=service.settings.max_queue)
         cache = service.cache
         yield CounterMetricFamily("tts_voice_cache_hits", "Voice conditioning found in the cache (memory or disk)", value=cache.hits)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +25,19 @@ from . import text as text_utils
 from .config import Settings
 from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
-from .engine.pool import EnginePool
+from .engine.pool import EnginePool, Place
 from .errors import (
     InvalidText,
     ModelNotReady,
     NoVoice,
+    RequestCancelled,
     SynthesisFailed,
     TextTooLong,
     TTSError,
     UnsupportedLanguage,
     without_paths,
 )
+from .stream_guard import REASONS, StreamGuard
 from .voice_cache import VoiceCache
 from .voices import Voice, VoiceStore
 
@@ -52,6 +55,7 @@ class SynthesisJob:
     speed: float = 1.0
     cancel: threading.Event = field(default_factory=threading.Event)
     on_release: Callable[[], None] | None = None
+    guard: StreamGuard | None = None  # bounds a stream whose client stops reading
 
     def release(self) -> None:
         """Give the request's place in the pool back (idempotent)."""
@@ -99,6 +103,7 @@ class TTSService:
         self.load_seconds: float | None = None
         self.plan = StreamPlan(settings.stream_first_chunk_tokens, settings.stream_chunk_tokens,
                                settings.stream_max_chunk_tokens, settings.stream_context_tokens)
+        self.streams_dropped: Counter[str] = Counter({reason: 0 for reason in REASONS})  # by reason, for /metrics
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -242,30 +247,57 @@ class TTSService:
         lang = await self.resolve_language(text, requested, resolved)
         sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
         metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
-        pool.admit()  # raises Busy (503) when the line is full
-        try:
+        async with self.admission() as place:
             conditioning = await self.conditioning(resolved)
-        except BaseException:
-            pool.release()
-            raise
-        return SynthesisJob(sentences, lang, resolved, conditioning, speed, on_release=pool.release)
+            job = SynthesisJob(sentences, lang, resolved, conditioning, speed, on_release=place.hand_over())
+        job.guard = StreamGuard(job.cancel, pool.engines[0].sample_rate, self.settings.stream_max_buffer_seconds,
+                                self.settings.stream_stall_seconds, on_drop=self._stream_dropped)
+        return job
+
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[Place]:
+        """A place in the line for one use of the model (a synthesis, a voice to condition), held for the
+        block unless handed over (`place.hand_over()`: a job that streams after the block); raises Busy
+        (503 + Retry-After) at once when the line is full. Every use counts, so the line bounds all the
+        work waiting for a worker, and /metrics shows it."""
+        place = self.require_pool().admit()
+        try:
+            yield place
+        finally:
+            if not place.handed_over:
+                place.release()
+
+    def _stream_dropped(self, reason: str) -> None:
+        self.streams_dropped[reason] += 1
+        record = metrics.current_record()
+        metrics.note(dropped=reason)  # in the request's access-log line
+        why = {"buffer": f"more than {self.settings.stream_max_buffer_seconds:g} s of audio waited unread",
+               "stall": f"the client took no data for {self.settings.stream_stall_seconds:g} s"}[reason]
+        log.warning("Stream dropped (request %s): %s; its worker and place are free for others",
+                    record.request_id if record else "-", why)
 
     # -- synthesis --------------------------------------------------------------------------------
     async def stream(self, job: SynthesisJob, stats: Stats | None = None) -> AsyncIterator[np.ndarray]:
         """Audio chunks (float32, engine sample rate) as they are generated, sentence after sentence."""
         pool = self.require_pool()
         stats = self._track(stats, pool)
+        guard = job.guard
         try:
             with engine_faults():
                 for sentence in job.sentences:
-                    def run(engine: SpeechEngine, sentence: str = sentence):
-                        return engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
-                                             plan=self.plan, cancel=job.cancel)
+                    def run(engine: SpeechEngine, sentence: str = sentence) -> Iterator[np.ndarray]:
+                        for chunk in engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
+                                                   plan=self.plan, cancel=job.cancel):
+                            if guard is not None:
+                                guard.made(len(chunk))  # too much waiting unread: the stream is dropped
+                            yield chunk
 
                     async for chunk in pool.iterate(run, job.cancel):
                         if stats.first_audio_s is None:
                             stats.first_audio_s = time.perf_counter() - stats.started
                         stats.audio_samples += len(chunk)
+                        if guard is not None:
+                            guard.took(len(chunk))
                         yield chunk
                     if job.cancel.is_set():
                         return
@@ -283,6 +315,9 @@ class TTSService:
                     audio = await pool.run(lambda engine, s=sentence: engine.synthesize(
                         s, job.language, job.conditioning, speed=job.speed, cancel=job.cancel))
                     parts.append(audio)
+                    if job.cancel.is_set():  # the client left (the router watches): stop, speak no more
+                        raise RequestCancelled("The client closed the connection before the audio was ready.",
+                                               "Nothing to do: the synthesis was stopped.")
         finally:
             job.release()
         result = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
@@ -309,7 +344,9 @@ class TTSService:
         if language is not None:
             changes["language"] = self.check_language(language)
         if voice is not None:
-            await self.conditioning(self.voices.resolve(voice))  # slow: other changes may land meanwhile
+            resolved = self.voices.resolve(voice)
+            async with self.admission():  # conditioning may need a worker: it counts like a synthesis
+                await self.conditioning(resolved)  # slow: other changes may land meanwhile
             changes["voice_sample"] = voice.strip()
         elif clear_voice:
             changes["voice_sample"] = None

@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -79,6 +80,15 @@ def is_public(method: str, path: str, public_lists: bool = False) -> bool:
     return path == "/ui" or path.startswith("/ui/") or (public_lists and path in PUBLIC_LISTS)
 
 
+def connection_closer(receive: Receive) -> Callable[[], None] | None:
+    """A way to close the client's connection at once, unsent bytes dropped, or None where the server
+    offers none. ASGI has no such message; uvicorn's `receive` belongs to the request cycle, which holds
+    the connection's transport (so this must see uvicorn's own `receive`: the outermost middleware)."""
+    transport = getattr(getattr(receive, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else None
+
+
 class RequestContextMiddleware:
     """Request id in and out, one access-log line and the metrics per request."""
 
@@ -93,6 +103,7 @@ class RequestContextMiddleware:
         incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = incoming if _GOOD_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id for routes
+        scope["state"]["close_connection"] = connection_closer(receive)  # for streams whose client stops reading
         record, token = start_record(request_id)
         started = time.perf_counter()
         status = 500

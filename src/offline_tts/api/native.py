@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +19,7 @@ from .deps import get_service
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+T = TypeVar("T")
 
 
 class ConfigRequest(BaseModel):
@@ -41,19 +44,34 @@ def config_view(defaults: Defaults) -> dict:
 
 class AudioStreamResponse(StreamingResponse):
     """A streaming response that always closes its body and releases its job, so generation stops
-    and the worker is freed when the client leaves, even before the first chunk."""
+    and the worker is freed when the client leaves, even before the first chunk.
+
+    A client that stops reading is dropped by the job's guard (too much audio waiting, or one write
+    stalled too long: see stream_guard.py); its connection is then closed at once."""
 
     def __init__(self, content, job: SynthesisJob, **kwargs):
         super().__init__(content, **kwargs)
         self.job = job
         self.headers["Content-Language"] = job.language  # the language spoken (e.g. the one detected)
+        self._close_connection = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        self._close_connection = scope.get("state", {}).get("close_connection")
+        await super().__call__(scope, receive, send)
 
     async def stream_response(self, send) -> None:
+        guard = self.job.guard
         try:
-            await super().stream_response(send)
+            if guard is None:
+                await super().stream_response(send)
+            else:
+                await guard.run(super().stream_response, send)
         finally:
             self.job.release()
             await self.body_iterator.aclose()
+        if guard is not None and guard.reason is not None and self._close_connection is not None:
+            # Not a graceful close: that would wait for the unread bytes to drain, i.e. forever.
+            self._close_connection()
 
 
 @router.get("/", summary="Service status and current defaults")
@@ -101,13 +119,30 @@ async def encoded_stream(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         log.error("Stream ended early: %s", exc)
 
 
+async def unless_client_leaves(request: Request, job: SynthesisJob, work: Awaitable[T]) -> T:
+    """Await `work` (the job's synthesis) while watching the connection: a client that hangs up cancels
+    the job, so its worker and place are freed at the next audio token, not at the end of the text."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel.set()  # the synthesis stops and raises RequestCancelled
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
 @router.post("/api/tts/batch", summary="Synthesize the whole text and answer one WAV file",
              response_class=Response, responses={200: {"content": {"audio/wav": {}}}})
-async def tts_batch(body: TTSRequest, service: TTSService = Depends(get_service)) -> Response:
+async def tts_batch(body: TTSRequest, request: Request, service: TTSService = Depends(get_service)) -> Response:
     fmt = encoders.check_format(body.format, "wav", param="format")
     job = await service.prepare(body.text, body.voice_sample, body.language, body.speed)
     stats = Stats()
-    wav = await service.synthesize(job, stats)
+    wav = await unless_client_leaves(request, job, service.synthesize(job, stats))
     headers = {"Content-Language": job.language}  # the language spoken (e.g. the one detected)
     if fmt.name == "wav":
         return Response(audio.encode_wav(wav, service.engine.sample_rate), media_type="audio/wav", headers=headers)

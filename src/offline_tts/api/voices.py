@@ -290,6 +290,13 @@ async def upload_voice(request: Request, service: TTSService = Depends(get_servi
     """Multipart form: `name` (letters, digits, `_`, `-`), `files` (one or more clips, any format ffmpeg
     reads, 5-15 s ideal), `replace` (true to overwrite an existing voice) and `language` (optional: the
     voice's own language, used when a request names none; `auto` detects it from each text)."""
+    # Conditioning uses the model: the upload takes a place in the line like a synthesis, before its body
+    # is read, so a refused upload (503 + Retry-After) reads and stores nothing.
+    async with service.admission():
+        return await _store_upload(request, service)
+
+
+async def _store_upload(request: Request, service: TTSService) -> JSONResponse:
     settings, store = service.settings, service.voices
     with store.staging() as staging, disk_full_refused():
         reader = await _receive(request, staging, settings.max_upload_bytes)

@@ -3,7 +3,9 @@
 Each replica serves one sentence at a time. Requests are admitted while fewer than
 `workers + max_queue` are in the house; beyond that they are refused at once (the HTTP layer answers
 503 + Retry-After) instead of piling up. Workers are handed out first come, first served, per
-sentence, so concurrent streams interleave instead of waiting for whole texts.
+sentence, so concurrent streams interleave instead of waiting for whole texts. A worker goes back to
+the pool as soon as its thread is done, never later: a client that reads slowly (or not at all)
+holds the audio already made, not the model.
 """
 
 from __future__ import annotations
@@ -14,14 +16,30 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
-import anyio
-
 from ..errors import Busy
 
 E = TypeVar("E")
 T = TypeVar("T")
 
 _DONE = object()
+
+
+class Place:
+    """One admitted request's place in the house. `release` gives it back (once; later calls do nothing);
+    `hand_over` passes that duty on to whatever keeps the place after the block that took it."""
+
+    def __init__(self, pool: EnginePool):
+        self._pool: EnginePool | None = pool
+        self.handed_over = False
+
+    def release(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.admitted -= 1
+
+    def hand_over(self) -> Callable[[], None]:
+        self.handed_over = True
+        return self.release
 
 
 class EnginePool(Generic[E]):
@@ -47,8 +65,8 @@ class EnginePool(Generic[E]):
     def waiting(self) -> int:
         return max(0, self.admitted - self.busy)
 
-    def admit(self) -> None:
-        """Take a place for one request (give it back with `release`), or raise Busy when the line is full."""
+    def admit(self) -> Place:
+        """Take a place for one request, or raise Busy when the line is full."""
         if self.admitted >= self.size + self.max_queue:
             raise Busy(
                 f"The server is busy ({self.admitted} requests running or queued).",
@@ -56,9 +74,7 @@ class EnginePool(Generic[E]):
                 headers={"Retry-After": "2"},
             )
         self.admitted += 1
-
-    def release(self) -> None:
-        self.admitted -= 1
+        return Place(self)
 
     @contextlib.asynccontextmanager
     async def worker(self) -> AsyncIterator[E]:
@@ -76,9 +92,10 @@ class EnginePool(Generic[E]):
     async def iterate(self, fn: Callable[[E], Iterator[T]], cancel: threading.Event | None = None) -> AsyncIterator[T]:
         """Run the generator `fn(engine)` in a thread on a free worker, yielding its items as they come.
 
-        The worker is held until the generator is exhausted or this iterator is closed; the thread
-        stops at its next item once the consumer is gone, or sooner through `cancel` (set here when the
-        consumer leaves early), which the generator checks between its own steps.
+        The worker goes back to the pool when the thread is done with it, not when the consumer has
+        taken every item: items wait here for a slow consumer (the caller bounds how many, e.g. by
+        setting `cancel`). When the consumer leaves early, `cancel` is set, so the thread stops at its
+        next step instead of finishing the whole generator.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -96,23 +113,22 @@ class EnginePool(Generic[E]):
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
-        async with self.worker() as engine:
-            task = asyncio.ensure_future(asyncio.to_thread(produce, engine))
-            finished = False
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is _DONE:
-                        finished = True
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            finally:
-                stop = True
-                if not finished and cancel is not None:
-                    cancel.set()  # the consumer left (e.g. a client disconnected): stop now, not at the next item
-                # The worker must not be handed to anyone else while the thread still uses it. Starlette
-                # cancels a disconnected response through anyio, which re-cancels at every await: shield it.
-                with anyio.CancelScope(shield=True):
-                    await task
+        engine = await self._idle.get()
+        # The worker is handed to no one else while the thread still uses it, and to the next one as soon
+        # as it is done: the thread's end gives it back, whatever the consumer is doing.
+        thread = asyncio.ensure_future(asyncio.to_thread(produce, engine))
+        thread.add_done_callback(lambda _: self._idle.put_nowait(engine))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop = True
+            if not finished and cancel is not None:
+                cancel.set()  # the consumer left (e.g. a client disconnected): stop now, not at the next item

@@ -55,6 +55,37 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+class SeededSampling:
+    """The last logits processor of a seeded sentence: samples the next token with the sentence's own
+    torch.Generator and leaves only that token possible.
+
+    generate() samples with torch.multinomial from torch's global RNG, which every worker thread shares:
+    concurrent sentences would draw from one stream, so a seed could not make output reproducible.
+    transformers (5.x) runs custom processors *before* its sampling warpers, so generate() is called
+    without sampling (do_sample=False: no warpers) and this applies the same temperature, top-k and
+    top-p warpers, in transformers' order, before drawing. generate()'s own draw then has one choice.
+    """
+
+    def __init__(self, generator: torch.Generator, temperature: float, top_k: int, top_p: float):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generator = generator
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
 def _fold_weight_norm(module: torch.nn.Module) -> None:
     """Bake weight-norm parametrizations into plain weights: same output, no recomputation per call."""
     from torch.nn.utils import parametrize
@@ -169,14 +200,13 @@ class XttsEngine:
             raise InvalidText(f"A sentence is too long for the model ({len(ids)} tokens).",
                               "Split the text into shorter sentences.")
         tokens = torch.IntTensor(ids).unsqueeze(0).to(self.device)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else contextlib.nullcontext()
         with autocast:
             fake_inputs = self.model.gpt.compute_embeddings(conditioning.data["gpt_cond_latent"].to(self.device), tokens)
             generator = self.model.gpt.get_generator(
                 fake_inputs=fake_inputs, num_beams=1, num_return_sequences=1, length_penalty=1.0,
-                output_attentions=False, output_hidden_states=True, return_dict_in_generate=True, **self.sampling,
+                output_attentions=False, output_hidden_states=True, return_dict_in_generate=True,
+                **self._sampling_arguments(),
             )
             cap = self.token_cap(text)
             try:
@@ -189,6 +219,18 @@ class XttsEngine:
                         break
             finally:
                 generator.close()
+
+    def _sampling_arguments(self) -> dict:
+        """generate()'s sampling arguments for one sentence: with a seed, the sentence draws from a
+        generator of its own, seeded afresh (reproducible whatever other workers do meanwhile)."""
+        if self.seed is None:
+            return self.sampling
+        from transformers import LogitsProcessorList
+
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        sampler = SeededSampling(generator, self.sampling["temperature"], self.sampling["top_k"], self.sampling["top_p"])
+        return dict(repetition_penalty=self.sampling["repetition_penalty"], do_sample=False,
+                    logits_processor=LogitsProcessorList([sampler]))
 
     def _decoder(self, conditioning: Conditioning, speed: float):
         """Split XTTS's HiFi-GAN decoder in two: latents -> interpolated grid, and grid slice -> audio."""
