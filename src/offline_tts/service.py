@@ -164,6 +164,18 @@ class TTSService:
                               "Split it into several requests, or raise TTS_MAX_TEXT_CHARS.")
         return text
 
+    def prepare_sentences(self, text: str, language: str) -> list[str]:
+        """The checked text as the sentences the engine will speak, each one it can read (or InvalidText).
+
+        CPU work (splitting, number expansion, tokenizing): call it in a thread, never on the event loop."""
+        engine = self.engine
+        sentences = [piece for sentence in text_utils.split_sentences(text, language, engine.char_limit(language))
+                     for piece in engine.prepare_text(sentence, language)]
+        if not sentences:
+            raise InvalidText("The text has nothing to speak (only punctuation or symbols).",
+                              "Send some words to speak in the 'text' field.")
+        return sentences
+
     def check_language(self, language: str | None) -> str:
         lang = (language or self.defaults.current.language or self.settings.language).strip().lower()
         supported = self.languages
@@ -191,7 +203,7 @@ class TTSService:
         text = self.check_text(text)
         lang = self.check_language(language)
         resolved = self.resolve_voice(voice)
-        sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
+        sentences = await asyncio.to_thread(self.prepare_sentences, text, lang)  # fails here, before any 200
         metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
         pool.admit()  # raises Busy (503) when the line is full
         try:
