@@ -134,14 +134,15 @@ class XttsEngine:
         again; pieces with nothing to say (punctuation, symbols) are dropped. Raises InvalidText when the
         text cannot be read or is still too long for the model."""
         lang = language.split("-")[0]
-        error = None
+        everything = spell_numbers(text, lang, ALL)
+        error: Exception | None = None
         for which in (LONG, UNSAYABLE, ALL):  # spelling out more and more numbers
             candidate = spell_numbers(text, lang, which)
             try:
                 return self._spoken_pieces(candidate, language)
             except Exception as exc:  # num2words raises many kinds (NotImplementedError, OverflowError, ...)
-                error = error or exc
-            if candidate == spell_numbers(text, lang, ALL):
+                error = exc
+            if candidate == everything:
                 break  # nothing left to spell out
         if isinstance(error, InvalidText):
             raise error
