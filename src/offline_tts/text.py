@@ -4,9 +4,9 @@ XTTS degrades (and coqui warns about truncated audio) past ~250 characters per g
 text is cut at sentence ends first, then at clause punctuation, then between words. Nothing is dropped.
 
 The splitter is our own small rule-based scanner, not pysbd: pysbd's regexes backtrack catastrophically
-(a 39-character text like "..[111 111 ... 111]" takes minutes, pySBD issue #79). Here every regex is a
-single character class, each character is looked at a bounded number of times, and so splitting is
-linear in the length of the text, whatever the text. The same `SentenceSplitter` works incrementally
+(a 39-character text like "..[111 111 ... 111]" takes minutes, pySBD issue #79). Here no regex has nested
+or overlapping quantifiers (each is a character class, repeated at most), each character is looked at a
+bounded number of times, and so splitting is linear in the length of the text, whatever the text. The same `SentenceSplitter` works incrementally
 (`feed` text as it arrives, `flush` at the end) and gives exactly the pieces of a one-shot split.
 """
 
