@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from offline_tts.text import normalize, split_sentences
+import time
+
+from offline_tts.text import SentenceSplitter, normalize, split_sentences
 
 LIMITS = {"es": 239, "en": 250}
 
@@ -50,8 +52,9 @@ def test_long_text_is_split_at_sentence_ends() -> None:
     assert pieces[0] == "El servicio convierte texto en voz sin conexión a internet."
     assert "¿Funciona con textos largos?" in pieces
     assert "¡Es rápido!" in pieces
-    # decimal numbers do not end a sentence (pysbd's Spanish rules do split "Sr. García": a short pause, no loss)
+    # decimal numbers and abbreviations do not end a sentence
     assert any("como 3.5 o 1.000, y" in p for p in pieces)
+    assert any("como el Sr. García o la Dra. López, no deben" in p for p in pieces)
 
 
 def test_english_abbreviations_do_not_split() -> None:
@@ -85,3 +88,55 @@ def test_empty_text_gives_no_pieces(text: str) -> None:
 def test_unknown_language_falls_back_to_generic_rules() -> None:
     pieces = split_sentences("这是第一句。这是第二句。", "zh-cn", 82) + split_sentences("First. Second.", "xx", 100)
     assert squash("".join(pieces)) == squash("这是第一句。这是第二句。First. Second.")
+
+
+def redos_text(numbers: int) -> str:
+    """The text that made pysbd's numbered-reference regex backtrack for minutes (pySBD issue #79)."""
+    return "..[" + " ".join(["111"] * numbers) + "]"
+
+
+@pytest.mark.parametrize("numbers", [9, 12, 40, 1200])
+def test_the_pysbd_redos_text_is_split_at_once(numbers: int) -> None:
+    text = redos_text(numbers)
+    started = time.perf_counter()
+    pieces = split_sentences(text, "es", 239)
+    assert time.perf_counter() - started < 0.5
+    assert " ".join(pieces) == text if len(text) <= 239 else squash("".join(pieces)) == squash(text)
+
+
+@pytest.mark.parametrize(("text", "language", "expected"), [
+    ("Hola, Sr. Pérez. ¿Qué tal? Bien, p. ej. en casa.", "es", ["Hola, Sr. Pérez.", "¿Qué tal?", "Bien, p. ej. en casa."]),
+    ("Dr. Smith came, e.g. at 5 p.m. on Jan. 3rd. He left.", "en", ["Dr. Smith came, e.g. at 5 p.m. on Jan. 3rd.", "He left."]),
+    ("Vale 3.14 o 1.000.000 de euros. Visita www.example.com/a.b o escribe a ana.b@example.com. Gracias.", "es",
+     ["Vale 3.14 o 1.000.000 de euros.", "Visita www.example.com/a.b o escribe a ana.b@example.com.", "Gracias."]),
+    ("Espera... no sé. Bueno… Vale.", "es", ["Espera... no sé.", "Bueno…", "Vale."]),
+    ('He said "Stop." Then he left (see below.) Fine!', "en", ['He said "Stop."', "Then he left (see below.)", "Fine!"]),
+    ("«Hola.» ¡Adiós!", "es", ["«Hola.»", "¡Adiós!"]),
+    ("Dne 5. května jsem přišel. Pak jsem odešel.", "cs", ["Dne 5. května jsem přišel.", "Pak jsem odešel."]),
+    ("Am 3. Oktober war es kalt. Ja.", "de", ["Am 3. Oktober war es kalt.", "Ja."]),
+    ("J. K. Rowling wrote it. No. I did not!", "en", ["J. K. Rowling wrote it.", "No.", "I did not!"]),
+    ("这是第一句。这是第二句！", "zh-cn", ["这是第一句。", "这是第二句！"]),
+    ("मेरे पास 5 सेब हैं। तुम्हारे पास?", "hi", ["मेरे पास 5 सेब हैं।", "तुम्हारे पास?"]),
+])
+def test_sentence_rules(text: str, language: str, expected: list[str]) -> None:
+    assert split_sentences(text, language, 239) == expected
+
+
+def test_lone_surrogates_are_dropped() -> None:
+    """JSON can carry "\\ud800"; no encoder (UTF-8 logs, ffmpeg, the tokenizer) can take it."""
+    assert normalize("hola \ud800 mundo\udfff") == "hola mundo"
+    assert split_sentences("hola \ud800 mundo.", "es", 239) == ["hola mundo."]
+
+
+@pytest.mark.parametrize("text", [SPANISH * 3, RUN_ON + " " + ENGLISH, WORDS + ". " + GIANT_WORD, redos_text(30)])
+@pytest.mark.parametrize("step", [1, 3, 17])
+def test_text_fed_in_parts_gives_the_same_pieces(text: str, step: int) -> None:
+    """For text that arrives piece by piece (a WebSocket): same pieces, and they come out before the end."""
+    splitter = SentenceSplitter("es", 60)
+    pieces: list[str] = []
+    for i in range(0, len(text), step):
+        pieces += splitter.feed(text[i : i + step])
+    before_flush = len(pieces)
+    pieces += splitter.flush()
+    assert pieces == split_sentences(text, "es", 60)
+    assert before_flush >= len(pieces) - 2, "a finished piece is returned by feed, not held until the end"

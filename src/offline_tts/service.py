@@ -184,6 +184,18 @@ class TTSService:
                               "Split it into several requests, or raise TTS_MAX_TEXT_CHARS.")
         return text
 
+    def prepare_sentences(self, text: str, language: str) -> list[str]:
+        """The checked text as the sentences the engine will speak, each one it can read (or InvalidText).
+
+        CPU work (splitting, number expansion, tokenizing): call it in a thread, never on the event loop."""
+        engine = self.engine
+        sentences = [piece for sentence in text_utils.split_sentences(text, language, engine.char_limit(language))
+                     for piece in engine.prepare_text(sentence, language)]
+        if not sentences:
+            raise InvalidText("The text has nothing to speak (only punctuation or symbols).",
+                              "Send some words to speak in the 'text' field.")
+        return sentences
+
     def check_language(self, language: str | None) -> str:
         """A language code from a client or a setting as the model's code ("zh" -> "zh-cn"), or "auto"."""
         return languages.normalize(language, self.languages)
@@ -245,7 +257,7 @@ class TTSService:
         requested = self.check_language(language) if language and language.strip() else None
         resolved = self.resolve_voice(voice)
         lang = await self.resolve_language(text, requested, resolved)
-        sentences = text_utils.split_sentences(text, lang, pool.engines[0].char_limit(lang))
+        sentences = await asyncio.to_thread(self.prepare_sentences, text, lang)  # fails here, before any 200
         metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
         async with self.admission() as place:
             conditioning = await self.conditioning(resolved)

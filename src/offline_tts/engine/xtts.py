@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidText
+from ..text import split_sentences
 from .base import Conditioning, StreamPlan
 from .random_model import REQUIRED_FILES
 from .streaming import ChunkDecoder
+from .xtts_numbers import ALL, LONG, UNSAYABLE, spell_numbers
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,7 @@ class XttsEngine:
                              repetition_penalty=float(repetition_penalty), do_sample=True)
         self.seed = seed
         self._lock = threading.Lock()
+        self._text_lock = threading.Lock()  # the tokenizer alone: text preparation must not wait for a generation
         self.load_seconds = time.perf_counter() - started
         if (model_dir / "RANDOM_WEIGHTS.json").exists():
             log.warning("%s holds RANDOM weights (offline-tts random-model): the audio is noise, for tests only", model_dir)
@@ -153,6 +156,51 @@ class XttsEngine:
     # -- text -------------------------------------------------------------------------------------
     def char_limit(self, language: str) -> int:
         return self.model.tokenizer.char_limits.get(language.split("-")[0], 250)
+
+    def prepare_text(self, text: str, language: str) -> list[str]:
+        """One sentence as the pieces this model will speak, each one its tokenizer accepts.
+
+        Numbers are spelled out when the tokenizer's expansion cannot say them or says them in too many
+        tokens (very long ones always: digit by digit); text that grew past the character limit is split
+        again; pieces with nothing to say (punctuation, symbols) are dropped. Raises InvalidText when the
+        text cannot be read or is still too long for the model."""
+        lang = language.split("-")[0]
+        everything = spell_numbers(text, lang, ALL)
+        error: Exception | None = None
+        for which in (LONG, UNSAYABLE, ALL):  # spelling out more and more numbers
+            candidate = spell_numbers(text, lang, which)
+            try:
+                return self._spoken_pieces(candidate, language)
+            except Exception as exc:  # num2words raises many kinds (NotImplementedError, OverflowError, ...)
+                error = exc
+            if candidate == everything:
+                break  # nothing left to spell out
+        if isinstance(error, InvalidText):
+            raise error
+        log.warning("Text the tokenizer cannot read (%s: %s): %.80r", type(error).__name__, error, text)
+        raise InvalidText(f"The model's text processing cannot read this text ({type(error).__name__}).",
+                          "Write numbers and symbols in words, or remove them.") from error
+
+    def _spoken_pieces(self, text: str, language: str) -> list[str]:
+        """`text` in pieces within the character limit, checked by the tokenizer; raises what it raises."""
+        lang, limit = language.split("-")[0], self.char_limit(language)
+        pieces = [text] if len(text) <= limit else split_sentences(text, language, limit)
+        spoken = []
+        for piece in pieces:
+            with self._text_lock:
+                said = self.model.tokenizer.preprocess_text(piece.lower(), lang)
+                tokens = len(self._encode(piece, lang))
+            if not any(c.isalnum() for c in said):
+                continue
+            if tokens >= self.model.args.gpt_max_text_tokens:
+                raise InvalidText(f"A sentence is too long for the model ({tokens} text tokens, the limit is "
+                                  f"{self.model.args.gpt_max_text_tokens - 1}).",
+                                  "Cut it into shorter sentences, or write long numbers in shorter groups.")
+            spoken.append(piece)
+        return spoken
+
+    def _encode(self, text: str, lang: str) -> list[int]:
+        return self.model.tokenizer.encode(text.strip().lower(), lang=lang)
 
     def token_cap(self, text: str) -> int:
         """Most audio tokens one sentence may generate: proportional to its length, never over the model's limit."""
@@ -194,8 +242,8 @@ class XttsEngine:
     # -- synthesis --------------------------------------------------------------------------------
     def _latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
         """GPT audio latents of one sentence, one frame at a time (caller holds the lock)."""
-        lang = language.split("-")[0]
-        ids = self.model.tokenizer.encode(text.strip().lower(), lang=lang)
+        with self._text_lock:
+            ids = self._encode(text, language.split("-")[0])
         if len(ids) >= self.model.args.gpt_max_text_tokens:
             raise InvalidText(f"A sentence is too long for the model ({len(ids)} tokens).",
                               "Split the text into shorter sentences.")
