@@ -195,7 +195,8 @@ def test_client_disconnect_stops_ffmpeg_and_generation(start_server):
         with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="ana", input=text, response_format=fmt
         ) as response:
-            next(response.iter_bytes())
+            chunks = response.iter_bytes()  # kept: a dropped iterator is closed at once, and with it the stream
+            next(chunks)
             seen = time.monotonic() + 10  # the encoder runs while the stream is open (poll: process listing is racy)
             while not any(c.name() == "ffmpeg" for c in proc.children()) and time.monotonic() < seen:
                 time.sleep(0.05)
