@@ -1,0 +1,224 @@
+"""The batched GPT decoder (engine/batching.py) against the existing one-sentence path (`XttsEngine._latents`).
+
+Every sequence in a batch (its own voice, text, language, length, join step and generator) must produce
+the tokens and latents it produces when run alone today; leaving (cap, cancel) must not disturb the others.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from offline_tts.engine.batching import CAP, STOP, BatchedGpt, Emitted, NoFreeSlot, Sampling, sentence_prefix
+from offline_tts.engine.xtts import XttsEngine
+
+TOLERANCE = 1e-4  # max abs latent difference (fp32)
+MAX_TOKENS = 48  # the engine's token cap: keeps each reference run short
+PREFILL_PIECE = 16  # prefix tokens prefilled between two decode steps: every join takes several pieces
+SENTENCES = [  # text, language, voice
+    ("Hola, esta es una frase de prueba.", "es", 0),
+    ("Hello there.", "en", 1),
+    ("Ceci est une phrase un peu plus longue que les autres, pour tester.", "fr", 2),
+    ("Guten Tag, wie geht es?", "de", 3),
+]
+SAMPLED = dict(temperature=0.75, top_k=50, top_p=0.85, repetition_penalty=10.0, do_sample=True)  # engine defaults
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> XttsEngine:
+    return XttsEngine(tiny_model_dir, "cpu", greedy=True, max_audio_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def voices(engine: XttsEngine):
+    """Four different voice conditionings, from four different synthetic clips."""
+    sr = engine.conditioning_sample_rate
+    t = np.arange(sr * 2) / sr
+    clips = [(0.3 * np.sin(2 * np.pi * f * t + 3 * np.sin(2 * np.pi * (4 + i) * t))).astype(np.float32)
+             for i, f in enumerate((140, 180, 230, 290))]
+    return [engine.compute_conditioning([clip]) for clip in clips]
+
+
+@pytest.fixture(scope="module")
+def references(engine, voices) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Each of SENTENCES run alone on today's path."""
+    return [alone(engine, text, lang, voices[v]) for text, lang, v in SENTENCES]
+
+
+@contextmanager
+def recorded_tokens(engine: XttsEngine):
+    """Tee the tokens of coqui's generator while `_latents` consumes it (it only passes the latents on)."""
+    tokens: list[int] = []
+    gpt = engine.model.gpt
+    original = gpt.get_generator
+
+    def teeing(**kwargs):
+        for token, latent in original(**kwargs):
+            tokens.append(int(token))
+            yield token, latent
+
+    gpt.get_generator = teeing
+    try:
+        yield tokens
+    finally:
+        del gpt.get_generator  # back to the class's method
+
+
+def alone(engine: XttsEngine, text: str, language: str, conditioning) -> tuple[list[int], list[torch.Tensor]]:
+    """Tokens and latents of one sentence on today's path."""
+    with recorded_tokens(engine) as tokens:
+        latents = list(engine._latents(text, language, conditioning, None))
+    assert len(tokens) == len(latents) > 0
+    return tokens, latents
+
+
+@dataclass
+class Job:
+    text: str
+    language: str
+    conditioning: object
+    join_at: int = 0  # decode step at which the sequence is admitted
+    cap: int | None = None  # None: the engine's cap for the text, as today
+    cancel_after: int | None = None  # release the slot after this many tokens
+    generator: torch.Generator | None = None
+    sampling: Sampling | None = None
+    slot: int | None = None
+    out: list[Emitted] = field(default_factory=list)
+
+
+def run(engine: XttsEngine, batched: BatchedGpt, jobs: list[Job]) -> None:
+    """Drive the batch as a scheduler would: admissions at their step, prefill in pieces between steps."""
+    waiting = sorted(jobs, key=lambda j: j.join_at)
+    by_slot: dict[int, Job] = {}
+    step = 0
+    while waiting or by_slot:
+        while waiting and waiting[0].join_at <= step:
+            job = waiting.pop(0)
+            cap = job.cap or engine.token_cap(job.text)
+            prefix = sentence_prefix(engine, job.text, job.language, job.conditioning)
+            job.slot = batched.admit(prefix, job.sampling or Sampling.of_engine(engine), cap, job.generator)
+            by_slot[job.slot] = job
+        assert batched.prefill_some(PREFILL_PIECE) <= PREFILL_PIECE
+        for slot, emitted in batched.step().items():
+            job = by_slot[slot]
+            job.out.append(emitted)
+            if emitted.finished:
+                del by_slot[slot]
+            elif len(job.out) == job.cancel_after:
+                batched.release(slot)
+                del by_slot[slot]
+        step += 1
+        assert step < 10 * MAX_TOKENS, "the batch never drained"
+
+
+def assert_matches(job: Job, tokens: list[int], latents: list[torch.Tensor], count: int | None = None) -> None:
+    """The job's output equals the first `count` tokens/latents of the sentence run alone (all by default)."""
+    count = len(tokens) if count is None else count
+    assert [e.token for e in job.out] == tokens[:count]
+    assert len(job.out) == count
+    worst = max(float((e.latent - ref).abs().max()) for e, ref in zip(job.out, latents, strict=False))
+    assert worst < TOLERANCE, f"{job.text!r}: latents differ by {worst:.2e}"
+    assert all(e.latent.shape == latents[0].shape and e.latent.dtype == torch.float32 for e in job.out)
+
+
+def test_prefix_is_coquis(engine, voices):
+    """The prefix equals what coqui's `compute_embeddings` stores for its generator."""
+    text, language, voice = SENTENCES[0]
+    prefix = sentence_prefix(engine, text, language, voices[voice])
+    ids = engine.model.tokenizer.encode(text.lower(), lang=language)
+    engine.model.gpt.compute_embeddings(voices[voice].data["gpt_cond_latent"], torch.IntTensor(ids)[None])
+    assert torch.equal(prefix, engine.model.gpt.gpt_inference.cached_prefix_emb)
+
+
+def test_greedy_batch_equals_each_sentence_alone(engine, voices, references):
+    """4 voices, texts, languages and lengths, joining at different steps while others decode."""
+    assert len({len(tokens) for tokens, _ in references}) > 1, "the sentences should differ in length"
+    jobs = [Job(text, lang, voices[v], join_at=at) for (text, lang, v), at in zip(SENTENCES, (0, 3, 11, 20), strict=True)]
+    batched = BatchedGpt.for_engine(engine, max_batch=4)
+    cache = [k.data_ptr() for k in batched._keys]
+    run(engine, batched, jobs)
+    for job, (tokens, latents) in zip(jobs, references, strict=True):
+        assert_matches(job, tokens, latents)
+        assert job.out[-1].finished == CAP and all(e.finished is None for e in job.out[:-1])
+    assert batched.free_slots == 4
+    assert [k.data_ptr() for k in batched._keys] == cache, "the KV cache must be allocated once"
+
+
+def test_capped_and_cancelled_sequences_leave_without_disturbing_others(engine, voices, references):
+    """One sequence is capped early, one cancelled; their slots are reused by late joiners."""
+    jobs = [
+        Job(*SENTENCES[0][:2], voices[0], cap=7),
+        Job(*SENTENCES[1][:2], voices[1], cancel_after=12),
+        Job(*SENTENCES[2][:2], voices[2], join_at=2),
+        Job(*SENTENCES[3][:2], voices[3], join_at=30),  # joins a slot freed by the capped or cancelled one
+        Job(*SENTENCES[1][:2], voices[1], join_at=31),  # same sentence again, in a reused slot
+    ]
+    batched = BatchedGpt.for_engine(engine, max_batch=3)
+    run(engine, batched, jobs)
+    assert_matches(jobs[0], *references[0], count=7)
+    assert jobs[0].out[-1].finished == CAP
+    assert_matches(jobs[1], *references[1], count=12)
+    assert jobs[1].out[-1].finished is None
+    assert_matches(jobs[2], *references[2])
+    assert_matches(jobs[3], *references[3])
+    assert_matches(jobs[4], *references[1])
+    assert {jobs[3].slot, jobs[4].slot} <= {jobs[0].slot, jobs[1].slot}, "freed slots should be reused"
+
+
+def test_stop_token_ends_the_sequence_like_today(engine, voices):
+    """A sequence whose model says "stop" ends with that token, as coqui's generator does."""
+    text, language, voice = SENTENCES[2]
+    bias = engine.model.gpt.mel_head.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[engine.model.gpt.stop_audio_token] += 1e4  # the random model never stops by itself
+    try:
+        tokens, latents = alone(engine, text, language, voices[voice])
+        job = Job(text, language, voices[voice])
+        run(engine, BatchedGpt.for_engine(engine, max_batch=2), [job])
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert tokens == [engine.model.gpt.stop_audio_token]
+    assert_matches(job, tokens, latents)
+    assert job.out[-1].finished == STOP
+
+
+def test_seeded_sampling_is_reproducible_inside_a_batch(engine, voices, monkeypatch):
+    """With its own generator, a sequence samples the same tokens as today's seeded path, whatever runs beside it."""
+    text, language, voice = SENTENCES[0]
+    monkeypatch.setattr(engine, "sampling", SAMPLED)
+    monkeypatch.setattr(engine, "seed", 1234)
+    tokens, latents = alone(engine, text, language, voices[voice])
+    monkeypatch.setattr(engine, "seed", 99)
+    other_tokens, _ = alone(engine, text, language, voices[voice])
+    assert other_tokens != tokens, "another seed should sample other tokens (else this test proves nothing)"
+
+    sampling = Sampling.of_engine(engine)
+    jobs = [Job(SENTENCES[i][0], SENTENCES[i][1], voices[i], join_at=i * 2, sampling=sampling,
+                generator=torch.Generator().manual_seed(i)) for i in (1, 2, 3)]
+    seeded = Job(text, language, voices[voice], join_at=5, sampling=sampling, generator=torch.Generator().manual_seed(1234))
+    run(engine, BatchedGpt.for_engine(engine, max_batch=4), [*jobs, seeded])
+    assert_matches(seeded, tokens, latents)
+
+
+def test_admission_limits(engine, voices):
+    batched = BatchedGpt.for_engine(engine, max_batch=2)
+    prefix = sentence_prefix(engine, "Hola.", "es", voices[0])
+    slots = [batched.admit(prefix, Sampling(), 10) for _ in range(2)]
+    assert slots == [0, 1] and batched.free_slots == 0
+    with pytest.raises(NoFreeSlot):
+        batched.admit(prefix, Sampling(), 10)
+    batched.release(0)
+    assert batched.admit(prefix, Sampling(), 10) == 0
+    with pytest.raises(ValueError):
+        BatchedGpt.for_engine(engine, max_batch=1, max_len=prefix.shape[1] + 5).admit(prefix, Sampling(), 10)
+    assert batched.step() == {}, "nothing decodes before its prefill"
+    assert batched.prefill_pending == 2 * prefix.shape[1]
+    assert batched.prefill_some(prefix.shape[1] + 3) == prefix.shape[1] + 3
+    assert batched.decoding == [0]
