@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from offline_tts.engine.batching import CAP, STOP, BatchedGpt, Emitted, NoFreeSlot, Sampling, sentence_prefix
+from offline_tts.engine.batching import (
+    CAP,
+    STOP,
+    BatchedGpt,
+    Emitted,
+    NoFreeSlot,
+    Sampling,
+    draw,
+    sentence_prefix,
+    warp_scores,
+)
 from offline_tts.engine.xtts import XttsEngine
 
 TOLERANCE = 1e-4  # max abs latent difference (fp32)
@@ -170,23 +180,49 @@ def test_capped_and_cancelled_sequences_leave_without_disturbing_others(engine, 
     assert {jobs[3].slot, jobs[4].slot} <= {jobs[0].slot, jobs[1].slot}, "freed slots should be reused"
 
 
-def test_stop_token_ends_the_sequence_like_today(engine, voices):
-    """A sequence whose model says "stop" ends with that token, as coqui's generator does."""
-    text, language, voice = SENTENCES[2]
+@contextmanager
+def biased(engine: XttsEngine, token: int, amount: float):
+    """Raise one audio token's logit (the mel head's bias) for the duration."""
     bias = engine.model.gpt.mel_head.bias
     saved = bias.detach().clone()
     with torch.no_grad():
-        bias[engine.model.gpt.stop_audio_token] += 1e4  # the random model never stops by itself
+        bias[token] += amount
     try:
-        tokens, latents = alone(engine, text, language, voices[voice])
-        job = Job(text, language, voices[voice])
-        run(engine, BatchedGpt.for_engine(engine, max_batch=2), [job])
+        yield
     finally:
         with torch.no_grad():
             bias.copy_(saved)
+
+
+def test_stop_token_ends_the_sequence_like_today(engine, voices):
+    """A sequence whose model says "stop" ends with that token, as coqui's generator does."""
+    text, language, voice = SENTENCES[2]
+    job = Job(text, language, voices[voice])
+    with biased(engine, engine.model.gpt.stop_audio_token, 1e4):  # the random model never stops by itself
+        tokens, latents = alone(engine, text, language, voices[voice])
+        run(engine, BatchedGpt.for_engine(engine, max_batch=2), [job])
     assert tokens == [engine.model.gpt.stop_audio_token]
     assert_matches(job, tokens, latents)
     assert job.out[-1].finished == STOP
+
+
+def test_prompt_ids_are_penalized_like_today(engine, voices):
+    """transformers' repetition penalty also hits coqui's placeholder prompt ids (1 and start-audio): when
+    token 1 is the model's favourite, today's path does not pick it, and neither does the batch."""
+    text, language, voice = SENTENCES[1]
+    probe = Job(text, language, voices[voice], cap=1)
+    run(engine, BatchedGpt.for_engine(engine, max_batch=1), [probe])
+    with torch.inference_mode():
+        logits = engine.model.gpt.mel_head(probe.out[0].latent)[0]
+    best_other = float(torch.cat([logits[:1], logits[2:]]).max())
+    assert best_other > 0
+    job = Job(text, language, voices[voice], cap=8)
+    # Token 1 at twice the best other score: first unpenalized, last once divided by the penalty (10).
+    with biased(engine, 1, 2 * best_other - float(logits[1])):
+        tokens, latents = alone(engine, text, language, voices[voice])
+        run(engine, BatchedGpt.for_engine(engine, max_batch=1), [job])
+    assert tokens[0] != 1
+    assert_matches(job, tokens, latents, count=8)
 
 
 def test_seeded_sampling_is_reproducible_inside_a_batch(engine, voices, monkeypatch):
@@ -222,3 +258,48 @@ def test_admission_limits(engine, voices):
     assert batched.prefill_pending == 2 * prefix.shape[1]
     assert batched.prefill_some(prefix.shape[1] + 3) == prefix.shape[1] + 3
     assert batched.decoding == [0]
+
+
+def test_sampler_equals_transformers_processors():
+    """Per-row settings, penalties and generators give what transformers' processors + torch.multinomial give
+    one sequence at a time (as coqui's generator samples today), prompt ids (1, start-audio) penalized too."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    vocab, start = 8194, 8192
+    rows = [Sampling(0.75, 50, 0.85, 10.0), Sampling(top_k=1, repetition_penalty=10.0), Sampling(1.3, 0, 0.5, 2.0),
+            Sampling(0.6, 200, 1.0, 1.0), Sampling(1.0, 0, 0.9, 5.0), Sampling(0.75, 50, 0.85, 10.0)]
+    torch.manual_seed(0)
+    scores = torch.randn(len(rows), vocab) * 3
+    histories = [torch.randint(0, vocab, (i * 3,)).tolist() for i in range(len(rows))]
+    favourites = [1, start, 1, start] + [h[0] for h in histories[-2:]]
+    for row, token in enumerate(favourites):  # make a penalized id the top score: the penalty decides
+        scores[row, token] = scores[row].max() + 0.5
+    seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
+    for row, history in enumerate(histories):
+        seen[row, [1, start, *history]] = True
+    temperature, top_k, top_p_cut, penalty = (torch.tensor(column) for column in zip(*(s.as_row(vocab) for s in rows), strict=True))
+    warped = warp_scores(scores, seen, penalty[:, None], temperature[:, None], top_k, top_p_cut[:, None])
+    tokens = draw(warped.softmax(-1), [torch.Generator().manual_seed(r) for r in range(len(rows))], torch.empty(len(rows), vocab))
+
+    for row, (sampling, history) in enumerate(zip(rows, histories, strict=True)):
+        processors = [RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=torch.zeros(1, dtype=torch.long))]
+        if sampling.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+        input_ids = torch.tensor([[1] * 5 + [start] + history])
+        expected = scores[row:row + 1].clone()
+        for processor in processors:
+            expected = processor(input_ids, expected)
+        assert torch.equal(torch.isinf(expected[0]), torch.isinf(warped[row])), f"row {row}: other tokens filtered"
+        kept = ~torch.isinf(expected[0])
+        torch.testing.assert_close(warped[row][kept], expected[0][kept])
+        token = torch.multinomial(expected.softmax(-1), 1, generator=torch.Generator().manual_seed(row))
+        assert int(tokens[row]) == int(token), f"row {row}"

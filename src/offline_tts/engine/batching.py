@@ -61,6 +61,13 @@ class Sampling:
         s = engine.sampling
         return cls(float(s["temperature"]), int(s["top_k"]), float(s["top_p"]), float(s["repetition_penalty"]))
 
+    def as_row(self, vocab: int) -> tuple[float, int, float, float]:
+        """(temperature, top-k, top-p cut, penalty) as `warp_scores` takes them: every filter always runs,
+        set so that an "off" one changes nothing."""
+        top_k = min(self.top_k, vocab) if self.top_k > 0 else vocab
+        top_p_cut = 1.0 - self.top_p if self.top_p < 1.0 else -1.0
+        return self.temperature, top_k, top_p_cut, self.repetition_penalty
+
 
 class Emitted(NamedTuple):
     """One audio token of one sequence, and the latent frame HiFi-GAN turns into its audio."""
@@ -193,10 +200,8 @@ class BatchedGpt:
         self._lengths[slot] = 0
         self._next_token[slot] = self._start
         self._audio_pos[slot] = 0
-        self._temperature[slot] = sampling.temperature
-        self._top_k[slot] = min(sampling.top_k, self._vocab) if sampling.top_k > 0 else self._vocab
-        self._top_p_cut[slot] = 1.0 - sampling.top_p if sampling.top_p < 1.0 else -1.0
-        self._penalty[slot] = sampling.repetition_penalty
+        (self._temperature[slot], self._top_k[slot], self._top_p_cut[slot],
+         self._penalty[slot]) = sampling.as_row(self._vocab)
         # transformers penalizes the prompt ids too: coqui's placeholder ids (1) and the start-audio token.
         self._seen[slot] = False
         for token in (1, self._start):
@@ -258,7 +263,7 @@ class BatchedGpt:
             return {}
         n = rows[-1] + 1
         write_at = self._lengths[:n]
-        longest = int(write_at[rows].max()) + 1
+        longest = max(self._slots[row].prefilled + self._slots[row].generated for row in rows) + 1
         span = min(self.max_len, -(-longest // self._bucket) * self._bucket)
         with self._autocast or contextlib.nullcontext():
             latents = self._decode_forward(n, write_at, span)
@@ -313,22 +318,31 @@ class BatchedGpt:
         return a.transpose(1, 2).reshape(b, t, h * d)
 
     def _sample(self, rows: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Each row with its own settings, in transformers' order; the draw is torch.multinomial's own
-        (argmax of probs / Exp(1) noise) so that a seeded generator gives the same tokens as today."""
-        penalty = self._penalty[rows]
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-        scores = torch.where(self._seen[rows], penalized, scores)
-        scores = scores / self._temperature[rows]
-        top_k_values = torch.sort(scores, dim=-1, descending=True).values
-        kth = top_k_values.gather(1, (self._top_k[rows] - 1)[:, None])
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-        ascending, order = torch.sort(scores, dim=-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= self._top_p_cut[rows]
-        drop[:, -1] = False  # keep at least one token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        probs = scores.softmax(dim=-1)
-        noise = self._noise[: len(rows)]
-        for i, row in enumerate(rows.tolist()):
-            noise[i].exponential_(1, generator=self._slots[row].generator)
-        return (probs / noise).argmax(dim=-1)
+        scores = warp_scores(scores, self._seen[rows], self._penalty[rows], self._temperature[rows],
+                             self._top_k[rows], self._top_p_cut[rows])
+        generators = [self._slots[row].generator for row in rows.tolist()]
+        return draw(scores.softmax(dim=-1), generators, self._noise[: len(generators)])
+
+
+def warp_scores(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor, temperature: torch.Tensor,
+                top_k: torch.Tensor, top_p_cut: torch.Tensor) -> torch.Tensor:
+    """transformers' logits processors as generate() chains them for coqui (repetition penalty, temperature,
+    top-k, top-p), with each row's own settings: scores [b, V]; `seen` [b, V] the ids to penalize;
+    penalty, temperature, top_p_cut (1 - top_p, or -1 for off) [b, 1]; top_k [b] (V for off)."""
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    scores = torch.where(seen, penalized, scores)
+    scores = scores / temperature
+    kth = torch.sort(scores, dim=-1, descending=True).values.gather(1, (top_k - 1)[:, None])
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    ascending, order = torch.sort(scores, dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= top_p_cut
+    drop[:, -1] = False  # keep at least one token
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None], noise: torch.Tensor) -> torch.Tensor:
+    """One token per row, each from its own generator: torch.multinomial's own algorithm for one sample
+    (argmax of probs / Exp(1) noise), so a generator seeded as today's global one gives the same token."""
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
