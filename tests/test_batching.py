@@ -25,6 +25,8 @@ from offline_tts.engine.batching import (
     sentence_prefix,
     warp_scores,
 )
+from offline_tts.engine.base import StreamPlan
+from offline_tts.engine.streaming import ChunkDecoder
 from offline_tts.engine.xtts import XttsEngine
 
 TOLERANCE = 1e-4  # max abs latent difference (fp32)
@@ -303,3 +305,28 @@ def test_sampler_equals_transformers_processors():
         torch.testing.assert_close(warped[row][kept], expected[0][kept])
         token = torch.multinomial(expected.softmax(-1), 1, generator=torch.Generator().manual_seed(row))
         assert int(tokens[row]) == int(token), f"row {row}"
+
+
+def test_batched_latents_stream_the_same_audio(engine, voices):
+    """Fed to the existing ChunkDecoder as `XttsEngine.stream` feeds it, a batched sequence's latents give
+    today's streamed audio (SNR > 60 dB), at its own speed and chunk plan."""
+    plan = StreamPlan(first_chunk_tokens=6, chunk_tokens=12, max_chunk_tokens=24)
+    jobs = [Job(text, lang, voices[v], join_at=i * 4) for i, (text, lang, v) in enumerate(SENTENCES[:3])]
+    run(engine, BatchedGpt.for_engine(engine, max_batch=3), jobs)
+    for job, speed in zip(jobs, (1.0, 1.3, 0.85), strict=True):
+        to_grid, vocode, columns_per_frame, hop = engine._decoder(job.conditioning, speed)
+        decoder = ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=plan.context_tokens)
+        boundaries = plan.boundaries()
+        next_flush, chunks = next(boundaries), []
+        with torch.inference_mode():
+            for emitted in job.out:
+                decoder.add(emitted.latent)
+                if decoder.frames >= next_flush:
+                    next_flush = next(boundaries)
+                    chunks.append(decoder.flush())
+            chunks.append(decoder.flush(final=True))
+        batched = np.concatenate(chunks)
+        today = np.concatenate(list(engine.stream(job.text, job.language, job.conditioning, speed=speed, plan=plan)))
+        assert len(batched) == len(today) and np.abs(today).max() > 1e-3
+        noise = np.sum((today.astype(np.float64) - batched) ** 2)
+        assert noise == 0 or 10 * np.log10(np.sum(today.astype(np.float64) ** 2) / noise) > 60

@@ -26,8 +26,10 @@ streams' step time bounded. The start-of-audio token is not part of the prefill:
 input of the batched step, which therefore produces every slot's every (token, latent), the first one
 included.
 
-No threads here: one scheduler thread per replica owns a `BatchedGpt` and calls admit / prefill_some /
-step / release (see the module's report in the issue for how it sits on top).
+No threads here. The intended owner is one scheduler thread per model replica: it admits queued
+sentences into free slots (`sentence_prefix` + `admit`), prefills a bounded piece between two steps
+(`prefill_some`), runs `step`, hands each latent to its request's `ChunkDecoder` (or a vocoder thread),
+and `release`s the slots of cancelled requests. Nothing else may run this model's GPT meanwhile.
 """
 
 from __future__ import annotations
