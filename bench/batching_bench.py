@@ -69,6 +69,23 @@ def prefill_pieces(engine: XttsEngine, conditioning, piece: int) -> list[float]:
     return times
 
 
+def check(engine: XttsEngine, tokens: int) -> float:
+    """Max abs latent difference between two sentences (two voices) batched and each run alone today."""
+    texts = [(TEXT, voice(engine, 180)), ("A second, shorter sentence in another voice.", voice(engine, 260))]
+    batched = BatchedGpt.for_engine(engine, max_batch=2)
+    slots = [batched.admit(sentence_prefix(engine, text, "en", c), Sampling.of_engine(engine), tokens) for text, c in texts]
+    batched.prefill_some(10**9)
+    got: dict[int, list[torch.Tensor]] = {slot: [] for slot in slots}
+    while batched.decoding:
+        for slot, emitted in batched.step().items():
+            got[slot].append(emitted.latent)
+    worst = 0.0
+    for slot, (text, conditioning) in zip(slots, texts, strict=True):
+        for mine, today in zip(got[slot], engine._latents(text, "en", conditioning, None), strict=False):
+            worst = max(worst, float((mine - today).abs().max()))
+    return worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -76,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--check", type=int, default=0, help="also compare N tokens of 2 batched sentences with today's path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = XttsEngine(args.model_dir, args.device, greedy=True)
@@ -84,6 +102,8 @@ def main() -> None:
     today = per_token_today(engine, conditioning, args.steps)
     print(f"device {engine.device}, {torch.get_num_threads()} threads, prefix {prefix_len} tokens")
     print(f"today (_latents): {today * 1000:.1f} ms per token")
+    if args.check:
+        print(f"batched vs alone, {args.check} tokens, 2 voices: max abs latent diff {check(engine, args.check):.2e}")
     print("batch  step ms  tokens/s  vs today  prefill of one join ms")
     for batch in map(int, args.batches.split(",")):
         step, prefill = step_cost(engine, conditioning, batch, args.steps)
