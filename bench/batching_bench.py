@@ -30,12 +30,16 @@ def voice(engine: XttsEngine, freq: float):
 
 
 def per_token_today(engine: XttsEngine, conditioning, tokens: int) -> float:
-    stamps = []
-    for _ in engine._latents(TEXT, "en", conditioning, None):
-        stamps.append(time.perf_counter())
-        if len(stamps) > tokens:
-            break
-    gaps = np.diff(stamps)
+    """Median time between two latents of today's path, after one warm-up sentence."""
+    gaps = []
+    for run in range(2):
+        stamps = []
+        for _ in engine._latents(TEXT, "en", conditioning, None):
+            stamps.append(time.perf_counter())
+            if len(stamps) > tokens:
+                break
+        if run:
+            gaps = np.diff(stamps)
     return float(np.median(gaps))
 
 
@@ -99,6 +103,7 @@ def main() -> None:
     engine = XttsEngine(args.model_dir, args.device, greedy=True)
     conditioning = voice(engine, 180)
     prefix_len = sentence_prefix(engine, TEXT, "en", conditioning).shape[1]
+    step_cost(engine, conditioning, 1, 4)  # warm-up
     today = per_token_today(engine, conditioning, args.steps)
     print(f"device {engine.device}, {torch.get_num_threads()} threads, prefix {prefix_len} tokens")
     print(f"today (_latents): {today * 1000:.1f} ms per token")
@@ -108,7 +113,7 @@ def main() -> None:
     for batch in map(int, args.batches.split(",")):
         step, prefill = step_cost(engine, conditioning, batch, args.steps)
         print(f"{batch:5d}  {step * 1000:7.1f}  {batch / step:8.1f}  {today * batch / step:7.2f}x  {prefill * 1000:8.1f}")
-    for piece in (32, 64, 128):
+    for piece in (16, 32, 64, 128):
         times = prefill_pieces(engine, conditioning, piece)
         print(f"prefill in pieces of {piece}: {len(times)} pieces, longest {max(times) * 1000:.1f} ms, "
               f"total {sum(times) * 1000:.1f} ms")
