@@ -22,7 +22,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import ServerProcess, make_clip, wait_for
-from offline_tts.engine.pool import EnginePool
 from offline_tts.stream_guard import BUFFER, STALL, StreamGuard
 
 # Thirty sentences: each is capped at a few audio tokens by the tests' TTS_MAX_AUDIO_TOKENS, so the whole
@@ -83,9 +82,10 @@ def response_head(sock: socket.socket, timeout: float = 20) -> str:
 
 @pytest.fixture(scope="module")
 def one_worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One worker, two places in the line, and a short stall limit for streams whose client stops reading."""
+    """One worker of one slot, two places in the line, and a short stall limit for streams whose client
+    stops reading."""
     srv = ServerProcess(tmp_path_factory.mktemp("sched"), tiny_model_dir,
-                        {"TTS_WORKERS": "1", "TTS_MAX_QUEUE": "2", "TTS_STREAM_STALL_SECONDS": "8"})
+                        {"TTS_WORKERS": "1", "TTS_MAX_BATCH": "1", "TTS_MAX_QUEUE": "2", "TTS_STREAM_STALL_SECONDS": "8"})
     make_clip(srv.voices_dir / "ana.wav", seconds=6)
     srv.start()
     httpx.post(srv.url + "/api/tts/batch", json={"text": "Hola.", "voice_sample": "ana"}, timeout=120).raise_for_status()
@@ -128,19 +128,6 @@ def test_a_client_that_stops_reading_loses_its_stream_not_the_server(one_worker:
             sock.close()
     wait_for(lambda: idle(srv), "the places of the dropped streams given back", timeout=30)
     assert "Traceback" not in srv.log() and "ASGI callable" not in srv.log()
-
-
-def test_the_pool_gives_a_worker_back_when_its_thread_is_done_not_when_the_consumer_is() -> None:
-    async def scenario() -> None:
-        pool = EnginePool(["engine"], max_queue=1)
-        items = pool.iterate(lambda engine: (n for n in range(3)))
-        assert await items.__anext__() == 0  # one item taken; two more wait, unread
-        with anyio.fail_after(5):  # the generator is done: its worker is free for someone else
-            assert await pool.run(lambda engine: engine.upper()) == "ENGINE"
-        assert [i async for i in items] == [1, 2]
-        assert pool.busy == 0
-
-    asyncio.run(scenario())
 
 
 def test_the_guard_drops_a_stream_with_too_much_audio_waiting() -> None:
@@ -234,7 +221,7 @@ def test_uploads_and_config_are_refused_when_the_line_is_full(one_worker: Server
     body, content_type = multipart("carla", make_clip(tmp_path / "carla.wav", seconds=4).read_bytes())
     upload = http_request(srv, "/api/voices", body, "upload-" + uuid.uuid4().hex[:8], content_type)
     holders = []
-    try:  # one worker + two waiting: three long batch requests fill the line
+    try:  # one slot + two waiting: three long batch requests fill the line
         for _ in range(3):
             sock = socket.create_connection(("127.0.0.1", srv.port))
             sock.sendall(http_request(srv, "/api/tts/batch", json.dumps({"text": LONG_TEXT, "voice_sample": "ana"}).encode(),

@@ -69,8 +69,10 @@ class Settings(BaseSettings):
         60.0, ge=0, description="A stream is dropped when its client takes no data for this long (0 = no limit)")
 
     # Capacity
-    workers: int = Field(1, ge=1, description="Model replicas, each with its own lock")
-    max_queue: int = Field(8, ge=0, description="Requests allowed to wait for a worker; beyond it: 503 + Retry-After")
+    workers: int = Field(1, ge=1, description="Model replicas (each a full copy of the model, batching its own requests)")
+    max_batch: int = Field(0, ge=0, description="Sentences decoded together per replica, one per running request "
+                           "(0 = by device: 8 on CPU, 32 on CUDA)")
+    max_queue: int = Field(8, ge=0, description="Requests allowed to wait for a free slot; beyond it: 503 + Retry-After")
     voice_cache_size: int = Field(64, ge=1, description="Voices whose conditioning is kept in memory")
 
     # Limits

@@ -92,8 +92,12 @@ class _ServiceCollector(Collector):
             load.add_metric([], service.load_seconds)
         yield load
         yield GaugeMetricFamily("tts_workers", "Model replicas", value=pool.size if pool else 0)
-        yield GaugeMetricFamily("tts_workers_busy", "Model replicas generating right now", value=pool.busy if pool else 0)
-        yield GaugeMetricFamily("tts_queue_depth", "Admitted requests waiting for a worker", value=pool.waiting if pool else 0)
+        yield GaugeMetricFamily("tts_workers_busy", "Model replicas with work right now", value=pool.busy if pool else 0)
+        yield GaugeMetricFamily("tts_batch_slots", "Sentences the replicas can decode together",
+                                value=pool.capacity if pool else 0)
+        yield GaugeMetricFamily("tts_batch_slots_busy", "Sentences being decoded right now (all replicas)",
+                                value=pool.busy_slots if pool else 0)
+        yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=pool.waiting if pool else 0)
         yield GaugeMetricFamily("tts_requests_in_progress",
                                 "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",
                                 value=pool.admitted if pool else 0)

@@ -1,4 +1,5 @@
-"""The synthesis service: turns a request (text, voice, language) into audio using the engine pool.
+"""The synthesis service: turns a request (text, voice, language) into audio using the engine pool
+(the replicas' schedulers, which batch the sentences of concurrent requests).
 
 It owns the model lifecycle (download, load, warm-up), validation of text/voice/language, the voice
 cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
@@ -7,6 +8,7 @@ cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -26,6 +28,7 @@ from .config import Settings
 from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
 from .engine.pool import EnginePool, Place
+from .engine.scheduler import DONE, SentenceJob
 from .errors import (
     InvalidText,
     ModelNotReady,
@@ -121,15 +124,15 @@ class TTSService:
             for i in range(self.settings.workers):
                 log.info("Loading model replica %d/%d from %s", i + 1, self.settings.workers, self.settings.model_dir)
                 engines.append(await asyncio.to_thread(self.engine_factory))
-            self.pool = EnginePool(engines, self.settings.max_queue)
+            self.pool = EnginePool(engines, self.settings.max_queue, self.max_batch(engines[0].device))
             await self._warm_up()
         except Exception as exc:
             self.state, self.error = "failed", without_paths(f"{type(exc).__name__}: {exc}")
             raise
         self.load_seconds = time.perf_counter() - started
         self.state = "ready"
-        log.info("Model ready: %d worker(s) on %s, languages %s (%.1f s)", len(engines), engines[0].device,
-                 ",".join(engines[0].languages), self.load_seconds)
+        log.info("Model ready: %d worker(s) of %d slots on %s, languages %s (%.1f s)", len(engines),
+                 self.pool.max_batch, engines[0].device, ",".join(engines[0].languages), self.load_seconds)
         if self.defaults.current.voice_sample:
             try:  # so the first request after a restart does not pay for conditioning
                 await self.conditioning(self.voices.resolve(self.defaults.current.voice_sample))
@@ -141,18 +144,25 @@ class TTSService:
         except TTSError as exc:
             log.warning("Default language: %s %s", exc.message, exc.hint)
 
+    def max_batch(self, device: str) -> int:
+        """Sentences decoded together per replica: TTS_MAX_BATCH, else sized for the device."""
+        return self.settings.max_batch or (32 if device == "cuda" else 8)
+
     async def _warm_up(self) -> None:
         """One tiny generation per replica so the first real request does not pay for lazy init."""
         noise = (np.random.default_rng(0).standard_normal(22_050 * 3) * 0.1).astype(np.float32)
+        for scheduler in self.pool.schedulers:
+            engine = scheduler.engine
+            cond = await asyncio.wrap_future(scheduler.call(lambda e: e.compute_conditioning([noise])))
+            ended: concurrent.futures.Future = concurrent.futures.Future()
 
-        def warm(engine: SpeechEngine) -> None:
-            cond = engine.compute_conditioning([noise])
-            for _ in engine.stream("ok.", engine.languages[0], cond, plan=StreamPlan(2, 2, 2, 2),
-                                   cancel=None):
-                break
+            def deliver(item, ended=ended) -> None:
+                if item is DONE or isinstance(item, BaseException):
+                    ended.set_result(item)
 
-        for engine in self.pool.engines:
-            await asyncio.to_thread(warm, engine)
+            scheduler.submit(SentenceJob("ok.", engine.languages[0], cond, deliver, plan=StreamPlan(2, 2, 2, 2)))
+            if isinstance(item := await asyncio.wrap_future(ended), BaseException):
+                raise item
 
     @property
     def ready(self) -> bool:
@@ -294,17 +304,13 @@ class TTSService:
         pool = self.require_pool()
         stats = self._track(stats, pool)
         guard = job.guard
+        made = guard.made if guard is not None else None  # too much waiting unread: the stream is dropped
         try:
             with engine_faults():
                 for sentence in job.sentences:
-                    def run(engine: SpeechEngine, sentence: str = sentence) -> Iterator[np.ndarray]:
-                        for chunk in engine.stream(sentence, job.language, job.conditioning, speed=job.speed,
-                                                   plan=self.plan, cancel=job.cancel):
-                            if guard is not None:
-                                guard.made(len(chunk))  # too much waiting unread: the stream is dropped
-                            yield chunk
-
-                    async for chunk in pool.iterate(run, job.cancel):
+                    async for chunk in pool.stream(sentence, job.language, job.conditioning, speed=job.speed,
+                                                   plan=self.plan, cancel=job.cancel, seed=self.settings.seed,
+                                                   made=made):
                         if stats.first_audio_s is None:
                             stats.first_audio_s = time.perf_counter() - stats.started
                         stats.audio_samples += len(chunk)
@@ -324,9 +330,9 @@ class TTSService:
         try:
             with engine_faults():
                 for sentence in job.sentences:
-                    audio = await pool.run(lambda engine, s=sentence: engine.synthesize(
-                        s, job.language, job.conditioning, speed=job.speed, cancel=job.cancel))
-                    parts.append(audio)
+                    async for audio in pool.stream(sentence, job.language, job.conditioning, speed=job.speed,
+                                                   plan=None, cancel=job.cancel, seed=self.settings.seed):
+                        parts.append(audio)  # plan None: the sentence in one piece, decoded whole
                     if job.cancel.is_set():  # the client left (the router watches): stop, speak no more
                         raise RequestCancelled("The client closed the connection before the audio was ready.",
                                                "Nothing to do: the synthesis was stopped.")

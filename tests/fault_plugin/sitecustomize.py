@@ -3,8 +3,10 @@
 Production code has no test hooks: this module patches it from the outside at interpreter start.
 Each fault is switched on by an environment variable:
 
-- FAULT_TEXT=1: a sentence containing `faultruntime` raises RuntimeError inside generation, `faultoom`
-  raises torch.OutOfMemoryError (what CUDA raises), `faultlate` raises after a few audio frames.
+- FAULT_TEXT=1: a sentence containing `faultruntime` raises RuntimeError when it joins the batch, `faultoom`
+  raises torch.OutOfMemoryError (what CUDA raises), `faultlate` raises in its own decoding after a few
+  audio frames, `faultstep` makes the batched GPT step fail (for every sentence in it) once it has
+  a few frames.
 - FAULT_LOAD_GATE=PATH: model loading waits until PATH exists (so "not ready yet" lasts as long as a test needs).
 - FAULT_PAUSE=PATTERNS + FAULT_PAUSE_MARK=PATH: an fsync/replace/rename of a file whose path matches
   one of the fnmatch PATTERNS (os.pathsep-separated) appends a line to PATH and hangs that thread,
@@ -42,22 +44,33 @@ def _inside(path, root: str) -> bool:
 def _patch_engine() -> None:
     import torch
 
-    from offline_tts.engine import xtts
+    from offline_tts.engine import scheduler, xtts
 
-    original_latents = xtts.XttsEngine._latents
+    original_prefix = xtts.XttsEngine.gpt_prefix
+    original_take = scheduler._Sequence.take
+    original_step = scheduler.Scheduler._step
     original_init = xtts.XttsEngine.__init__
 
-    def _latents(self, text, language, conditioning, cancel):
+    def gpt_prefix(self, text, language, conditioning):
         lowered = text.lower()
         if os.environ.get("FAULT_TEXT"):
             if "faultruntime" in lowered:
                 raise RuntimeError("simulated failure inside generation")
             if "faultoom" in lowered:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        for count, latent in enumerate(original_latents(self, text, language, conditioning, cancel), start=1):
-            if os.environ.get("FAULT_TEXT") and "faultlate" in lowered and count > 10:
-                raise RuntimeError("simulated failure in the middle of generation")
-            yield latent
+        return original_prefix(self, text, language, conditioning)
+
+    def take(self, latent):
+        if os.environ.get("FAULT_TEXT") and "faultlate" in self.job.text.lower() and self.decoder.frames >= 10:
+            raise RuntimeError("simulated failure in the middle of generation")
+        return original_take(self, latent)
+
+    def _step(self):
+        # The batched step itself fails (every sentence in it) while a sentence with the marker decodes.
+        if os.environ.get("FAULT_TEXT") and any("faultstep" in seq.job.text.lower() and seq.decoder.frames >= 3
+                                                for seq in self._active.values()):
+            raise RuntimeError("simulated failure in the batched step")
+        return original_step(self)
 
     def __init__(self, *args, **kwargs):
         gate = os.environ.get("FAULT_LOAD_GATE")
@@ -65,7 +78,9 @@ def _patch_engine() -> None:
             time.sleep(0.1)
         original_init(self, *args, **kwargs)
 
-    xtts.XttsEngine._latents = _latents
+    xtts.XttsEngine.gpt_prefix = gpt_prefix
+    scheduler._Sequence.take = take
+    scheduler.Scheduler._step = _step
     xtts.XttsEngine.__init__ = __init__
 
 

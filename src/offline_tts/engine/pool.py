@@ -1,27 +1,31 @@
-"""A pool of model replicas (workers) with a bounded waiting line.
+"""The front of the model replicas: admission, and "speak this sentence, give me its chunks".
 
-Each replica serves one sentence at a time. Requests are admitted while fewer than
-`workers + max_queue` are in the house; beyond that they are refused at once (the HTTP layer answers
-503 + Retry-After) instead of piling up. Workers are handed out first come, first served, per
-sentence, so concurrent streams interleave instead of waiting for whole texts. A worker goes back to
-the pool as soon as its thread is done, never later: a client that reads slowly (or not at all)
-holds the audio already made, not the model.
+Behind it, each replica is a `Scheduler` (engine/scheduler.py): one thread that owns the replica and
+decodes up to `max_batch` sentences together, one batched GPT step for all of them. Callers see none of
+that: `stream` yields one sentence's audio chunks, `run` runs a function on a replica (voice conditioning).
+
+Admission bounds the work in the house: up to `workers * max_batch` requests run at once (one sentence
+of each in a slot) and `max_queue` more may wait for a slot; beyond that a request is refused at once
+(the HTTP layer answers 503 + Retry-After) instead of piling up. A request keeps its place while it
+streams; its sentences take a slot one at a time, each leaving it the moment it is generated (a client
+that reads slowly holds the audio already made, not a slot).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from ..errors import Busy
+from .base import Conditioning, StreamPlan
+from .scheduler import DONE, Scheduler, SentenceJob
 
 E = TypeVar("E")
 T = TypeVar("T")
-
-_DONE = object()
 
 
 class Place:
@@ -43,14 +47,13 @@ class Place:
 
 
 class EnginePool(Generic[E]):
-    def __init__(self, engines: list[E], max_queue: int):
+    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = engines
         self.max_queue = max_queue
-        self._idle: asyncio.Queue[E] = asyncio.Queue()
-        for engine in engines:
-            self._idle.put_nowait(engine)
+        self.max_batch = max_batch
+        self.schedulers = [Scheduler(engine, max_batch, name=f"replica-{i}") for i, engine in enumerate(engines)]
         self.admitted = 0  # requests in the house (running or waiting)
 
     @property
@@ -58,77 +61,79 @@ class EnginePool(Generic[E]):
         return len(self.engines)
 
     @property
+    def capacity(self) -> int:
+        """Requests that run at once (one slot each)."""
+        return self.size * self.max_batch
+
+    @property
     def busy(self) -> int:
-        return self.size - self._idle.qsize()
+        """Replicas with work (sentences decoding or queued, or a function running)."""
+        return sum(1 for s in self.schedulers if s.load)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s.busy_slots for s in self.schedulers)
 
     @property
     def waiting(self) -> int:
-        return max(0, self.admitted - self.busy)
+        """Sentences waiting for a slot."""
+        return sum(s.queued for s in self.schedulers)
 
     def admit(self) -> Place:
         """Take a place for one request, or raise Busy when the line is full."""
-        if self.admitted >= self.size + self.max_queue:
+        if self.admitted >= self.capacity + self.max_queue:
             raise Busy(
                 f"The server is busy ({self.admitted} requests running or queued).",
-                "Retry in a few seconds, or raise TTS_WORKERS / TTS_MAX_QUEUE.",
+                "Retry in a few seconds, or raise TTS_MAX_BATCH / TTS_WORKERS / TTS_MAX_QUEUE.",
                 headers={"Retry-After": "2"},
             )
         self.admitted += 1
         return Place(self)
 
-    @contextlib.asynccontextmanager
-    async def worker(self) -> AsyncIterator[E]:
-        engine = await self._idle.get()
-        try:
-            yield engine
-        finally:
-            self._idle.put_nowait(engine)
+    def _least_loaded(self) -> Scheduler:
+        return min(self.schedulers, key=lambda s: s.load)
 
     async def run(self, fn: Callable[[E], T]) -> T:
-        """Run `fn(engine)` on a free worker, in a thread (off the event loop)."""
-        async with self.worker() as engine:
-            return await asyncio.to_thread(fn, engine)
+        """Run `fn(engine)` on the least loaded replica, between two of its decode steps."""
+        return await asyncio.wrap_future(self._least_loaded().call(fn))
 
-    async def iterate(self, fn: Callable[[E], Iterator[T]], cancel: threading.Event | None = None) -> AsyncIterator[T]:
-        """Run the generator `fn(engine)` in a thread on a free worker, yielding its items as they come.
-
-        The worker goes back to the pool when the thread is done with it, not when the consumer has
-        taken every item: items wait here for a slow consumer (the caller bounds how many, e.g. by
-        setting `cancel`). When the consumer leaves early, `cancel` is set, so the thread stops at its
-        next step instead of finishing the whole generator.
-        """
+    async def stream(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
+                     plan: StreamPlan | None = None, cancel: threading.Event | None = None, seed: int | None = None,
+                     made: Callable[[int], None] | None = None) -> AsyncIterator[np.ndarray]:
+        """One sentence's audio chunks (float32) as the replica makes them; `plan` None: one chunk, decoded
+        whole. `made(samples)` is called on the replica's thread for each chunk made. When the consumer
+        leaves early, `cancel` is set: the sentence leaves its slot at the replica's next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop = False
+        cancel = cancel if cancel is not None else threading.Event()
 
-        def produce(engine: E) -> None:
+        def deliver(item: Any) -> None:  # on the replica's thread
+            if made is not None and isinstance(item, np.ndarray):
+                made(len(item))
             try:
-                with contextlib.closing(fn(engine)) as items:
-                    for item in items:
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
-                        if stop:
-                            break
-            except BaseException as exc:  # forwarded to the consumer, which re-raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                cancel.set()
 
-        engine = await self._idle.get()
-        # The worker is handed to no one else while the thread still uses it, and to the next one as soon
-        # as it is done: the thread's end gives it back, whatever the consumer is doing.
-        thread = asyncio.ensure_future(asyncio.to_thread(produce, engine))
-        thread.add_done_callback(lambda _: self._idle.put_nowait(engine))
+        scheduler = self._least_loaded()
+        scheduler.submit(SentenceJob(text, language, conditioning, deliver, speed=speed, plan=plan, cancel=cancel,
+                                     seed=seed))
         finished = False
         try:
             while True:
                 item = await queue.get()
-                if item is _DONE:
+                if item is DONE:
                     finished = True
-                    break
+                    return
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
         finally:
-            stop = True
-            if not finished and cancel is not None:
-                cancel.set()  # the consumer left (e.g. a client disconnected): stop now, not at the next item
+            if not finished:
+                cancel.set()  # the consumer left (e.g. a client disconnected): free the slot now
+                scheduler.wake()
+
+    def close(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.close()

@@ -1,7 +1,9 @@
 """XTTS-v2 engine: loading, voice conditioning and sentence synthesis with coqui-tts.
 
-One `XttsEngine` wraps one model replica. The XTTS model keeps per-call state
-(`gpt_inference.cached_prefix_emb`), so every public method holds the replica's lock.
+One `XttsEngine` wraps one model replica. The service runs it through a scheduler (engine/scheduler.py)
+that batches the sentences of concurrent requests with `gpt_prefix`, `token_cap` and `_decoder`.
+`stream`/`synthesize` are the one-sentence reference path (warm-up-free tests, benches): the XTTS model
+keeps per-call state (`gpt_inference.cached_prefix_emb`), so they hold the replica's lock.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import InvalidText
 from ..text import split_sentences
 from .base import Conditioning, StreamPlan
+from .batching import sentence_prefix
 from .random_model import REQUIRED_FILES
 from .streaming import ChunkDecoder
 from .xtts_numbers import ALL, LONG, UNSAYABLE, spell_numbers
@@ -240,6 +243,12 @@ class XttsEngine:
         return Conditioning(model_id, data)
 
     # -- synthesis --------------------------------------------------------------------------------
+    def gpt_prefix(self, text: str, language: str, conditioning: Conditioning) -> torch.Tensor:
+        """One sentence's GPT prefix (conditioning + text embeddings) for the batched decoder
+        (engine/batching.py; the scheduler admits it into a slot). Raises InvalidText for a sentence too long."""
+        with self._text_lock:  # the tokenizer is shared with text preparation in other threads
+            return sentence_prefix(self, text, language, conditioning)
+
     def _latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
         """GPT audio latents of one sentence, one frame at a time (caller holds the lock)."""
         with self._text_lock:

@@ -1,0 +1,270 @@
+"""Continuous batching of sentences on one model replica: the thread that owns the replica.
+
+Requests submit sentences (`SentenceJob`) and get their audio chunks back, in order, through a callback;
+nothing else runs this replica's model meanwhile. Each turn of the loop:
+
+1. runs queued replica work (`call`: e.g. a voice's conditioning) between two decode steps;
+2. drops cancelled sequences (slot freed at once; a queued one never starts);
+3. admits queued sentences into free slots (tokenize + prefix; a failure fails that sentence only);
+4. prefills joining sentences in pieces: everything at once when nothing is decoding, otherwise at most
+   `prefill_tokens` per turn, so the running streams keep getting a step every turn (bounded join stall);
+5. runs one batched `BatchedGpt.step` and hands each latent to its sentence's `ChunkDecoder` (same flush
+   plan as `XttsEngine.stream`: a small first chunk, doubling chunks, a final flush; no plan: one final
+   decode, as `XttsEngine.synthesize`). A finished sentence leaves its slot in that same step.
+
+Faults: an exception while admitting or decoding one sentence fails that sentence only; an exception in
+the batched prefill or step fails the sentences in it (their slots are freed) and the loop goes on.
+
+HiFi-GAN runs on this thread, between steps: one chunk's vocoding delays the others' next step by its
+duration (a few ms per chunk on the tiny model; chunks of different streams fall on different steps, as
+they join at different times). Moving it to another thread would only help where the two can run in
+parallel (a GPU with another CUDA stream): left for the GPU work of issue 10.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Conditioning, StreamPlan
+from .batching import BatchedGpt, Sampling
+from .streaming import ChunkDecoder
+
+log = logging.getLogger(__name__)
+
+DONE = object()  # the last item delivered for a sentence that ended normally (or was cancelled)
+
+# Prefix tokens prefilled per loop turn while other sentences decode. A full-size prefix is ~100-450 tokens,
+# so a joining sentence is ready within a few steps, and each of those steps costs the running streams
+# about what a 64-token forward costs (measured in bench/batching_bench.py).
+PREFILL_TOKENS = 64
+
+
+@dataclass
+class SentenceJob:
+    """One sentence of one request, as the scheduler runs it."""
+
+    text: str  # already prepared by the engine (`prepare_text`)
+    language: str
+    conditioning: Conditioning
+    deliver: Callable[[Any], None]  # gets each float32 chunk, then DONE, or an exception
+    speed: float = 1.0
+    plan: StreamPlan | None = None  # None: the whole sentence in one chunk, decoded in one go
+    cancel: threading.Event = field(default_factory=threading.Event)
+    seed: int | None = None
+
+
+class _Sequence:
+    """A sentence in a slot: its latents go to its own decoder, flushed on its own plan."""
+
+    def __init__(self, job: SentenceJob, decoder: ChunkDecoder):
+        self.job = job
+        self.decoder = decoder
+        self._boundaries = job.plan.boundaries() if job.plan else None
+        self._next_flush = next(self._boundaries) if self._boundaries else None
+
+    def take(self, latent: torch.Tensor) -> None:
+        """One latent frame: flush a chunk when the plan says so."""
+        self.decoder.add(latent)
+        if self._next_flush is not None and self.decoder.frames >= self._next_flush:
+            self._next_flush = next(self._boundaries)
+            self.send(self.decoder.flush())
+
+    def finish(self) -> None:
+        self.send(self.decoder.flush(final=True))
+        self.job.deliver(DONE)
+
+    def send(self, chunk: np.ndarray) -> None:
+        if len(chunk):
+            self.job.deliver(chunk)
+
+
+class Scheduler:
+    """Owns one engine replica and runs all its sentences, batched, in one thread."""
+
+    def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica"):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
+        max_len = None
+        if engine.max_audio_tokens:  # a smaller cap needs a shorter cache per slot
+            gpt = engine.model.gpt
+            from .batching import default_max_len
+
+            max_len = default_max_len(gpt) - gpt.max_gen_mel_tokens + min(gpt.max_gen_mel_tokens, engine.max_audio_tokens)
+        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=max_len)
+        self.sampling = Sampling.of_engine(engine)
+        self._queue: deque[SentenceJob] = deque()
+        self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
+        self._active: dict[int, _Sequence] = {}  # slot -> sequence
+        self._wake = threading.Condition()
+        self._closed = False
+        self._calling = False
+        self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
+        self._thread.start()
+
+    # -- any thread -------------------------------------------------------------------------------
+    def submit(self, job: SentenceJob) -> None:
+        with self._wake:
+            self._queue.append(job)
+            self._wake.notify()
+
+    def call(self, fn: Callable[[Any], Any]) -> Future:
+        """Run `fn(engine)` on the replica's thread between two steps; its result or error comes in the future."""
+        future: Future = Future()
+        with self._wake:
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
+    def wake(self) -> None:
+        """Look at the cancel flags now (the loop also looks at every step)."""
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        """Sentences waiting for a slot."""
+        return len(self._queue)
+
+    @property
+    def load(self) -> int:
+        return len(self._active) + len(self._queue) + len(self._calls) + self._calling
+
+    # -- the replica's thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._closed or self._queue or self._calls or self._active):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                self._calling = bool(calls)
+            for fn, future in calls:
+                self._call(fn, future)
+            self._calling = False
+            try:
+                with torch.inference_mode():
+                    self._turn()
+            except Exception:  # a bug of the loop itself: fail what runs, keep serving
+                log.exception("Scheduler turn failed")
+                self._fail_all(RuntimeError("the scheduler failed"))
+        self._fail_all(RuntimeError("the model replica was closed"))
+
+    def _call(self, fn: Callable[[Any], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(self.engine))
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.gpt.prefill_pending:
+            budget = self.prefill_tokens if self.gpt.decoding else self.gpt.prefill_pending
+            joining = [slot for slot in self._active if slot not in self.gpt.decoding]
+            try:
+                self.gpt.prefill_some(budget)
+            except Exception as exc:
+                self._fail(joining, exc)
+        if self.gpt.decoding:
+            rows = self.gpt.decoding
+            try:
+                emitted = self._step()
+            except Exception as exc:
+                self._fail(rows, exc)
+                return
+            for slot, out in emitted.items():
+                try:
+                    self._active[slot].take(out.latent)
+                    if out.finished:
+                        self._active[slot].finish()
+                        del self._active[slot]
+                except Exception as exc:  # this sentence's decoding: it alone fails
+                    self._fail([slot], exc)
+
+    def _step(self):
+        """One batched decode step (a seam for fault-injection tests)."""
+        return self.gpt.step()
+
+    def _drop_cancelled(self) -> None:
+        for slot, sequence in list(self._active.items()):
+            if sequence.job.cancel.is_set():
+                self.gpt.release(slot)
+                del self._active[slot]
+                sequence.job.deliver(DONE)
+        with self._wake:
+            waiting = list(self._queue)
+            self._queue.clear()
+            for job in waiting:
+                if job.cancel.is_set():
+                    job.deliver(DONE)
+                else:
+                    self._queue.append(job)
+
+    def _admit(self) -> None:
+        while self.gpt.free_slots:
+            with self._wake:
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            try:
+                self._active[self._start(job)] = _Sequence(job, self._decoder(job))
+            except Exception as exc:
+                self._report(job, exc)
+
+    def _start(self, job: SentenceJob) -> int:
+        engine = self.engine
+        prefix = engine.gpt_prefix(job.text, job.language, job.conditioning)
+        generator = None
+        if job.seed is not None:  # its own generator: reproducible whatever else is in the batch
+            generator = torch.Generator(device=engine.device).manual_seed(job.seed)
+        return self.gpt.admit(prefix, self.sampling, engine.token_cap(job.text), generator)
+
+    def _decoder(self, job: SentenceJob) -> ChunkDecoder:
+        to_grid, vocode, columns_per_frame, hop = self.engine._decoder(job.conditioning, job.speed)
+        context = job.plan.context_tokens if job.plan else 0
+        return ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=context)
+
+    def _fail(self, slots: list[int], exc: Exception) -> None:
+        for slot in slots:
+            sequence = self._active.pop(slot, None)
+            if sequence is not None:
+                self.gpt.release(slot)  # harmless when the step already freed it
+                self._report(sequence.job, exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fail(list(self._active), exc)
+        with self._wake:
+            waiting = list(self._queue)
+            self._queue.clear()
+        for job in waiting:
+            self._report(job, exc)
+
+    @staticmethod
+    def _report(job: SentenceJob, exc: Exception) -> None:
+        job.deliver(exc)
+
