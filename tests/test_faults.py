@@ -76,6 +76,11 @@ def _stream(client: httpx.Client, text: str) -> tuple[int, bytes, bool]:
     return r.status_code, data, True
 
 
+def _stream_own_client(srv: ServerProcess, text: str) -> tuple[int, bytes, bool]:
+    with srv.client() as client:
+        return _stream(client, text)
+
+
 @pytest.mark.parametrize("text", ["Hola faultlate.", "Hola faultruntime.", "Primera frase. Segunda faultlate."])
 def test_engine_exception_ends_a_stream_and_the_next_succeeds(faulty, text):
     same_size = text.replace("fault", "fauxt")  # same length, no marker
@@ -88,6 +93,41 @@ def test_engine_exception_ends_a_stream_and_the_next_succeeds(faulty, text):
     assert 44 <= len(broken) < len(full)
     assert ffmpeg_decode(full)[1] > 0
     assert g["tts_workers_busy"] == 0 and g["tts_requests_in_progress"] == 0
+
+
+def test_a_fault_in_one_batched_sentence_fails_only_its_request(faulty):
+    """Two streams in one batch: the one whose decoding fails ends early, the other is untouched."""
+    long_text = " ".join(f"Frase número {n} sin problemas." for n in range(1, 9))
+    with faulty.client() as client:
+        _, expected, clean = _stream(client, long_text)
+        assert clean
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            beside = pool.submit(_stream_own_client, faulty, long_text)
+            wait_for(lambda: gauges(client)["tts_batch_slots_busy"] >= 1, "the long stream running")
+            status, broken, _ = _stream(client, "Hola faultlate.")
+            assert status == 200 and 44 <= len(broken) < len(expected)
+            status, data, clean = beside.result()
+        assert status == 200 and clean and data == expected, "a fault in another sentence changed this stream"
+        wait_for(lambda: gauges(client)["tts_requests_in_progress"] == 0, "all requests released", 30)
+        assert gauges(client)["tts_batch_slots_busy"] == 0
+
+
+def test_a_fault_in_the_batched_step_fails_its_requests_and_the_replica_goes_on(faulty):
+    long_text = " ".join(f"Frase número {n} sin problemas." for n in range(1, 9))
+    with faulty.client() as client:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            beside = pool.submit(_stream_own_client, faulty, long_text)
+            wait_for(lambda: gauges(client)["tts_batch_slots_busy"] >= 1, "the long stream running")
+            status, broken, _ = _stream(client, "Hola faultstep.")
+            assert beside.result()[0] == 200  # in the failed step or not, it ended and let go of its slot
+        status_full, full, clean = _stream(client, "Hola fauxtstep.")  # same size, no marker
+        assert status == 200 and status_full == 200 and clean and len(broken) < len(full)  # ended early
+        assert "simulated failure in the batched step" in faulty.log()
+        wait_for(lambda: gauges(client)["tts_requests_in_progress"] == 0, "all requests released", 30)
+        assert gauges(client)["tts_batch_slots_busy"] == 0
+        for _ in range(2):  # the replica keeps serving
+            ok = client.post("/api/tts/batch", json={"text": "Todo bien. Sigue.", "voice_sample": "ana"})
+            assert ok.status_code == 200 and wav_info(ok.content)[2] > 0
 
 
 def test_many_failing_requests_at_once_leave_no_worker_locked(faulty):

@@ -97,6 +97,10 @@ class _ServiceCollector(Collector):
                                 value=pool.capacity if pool else 0)
         yield GaugeMetricFamily("tts_batch_slots_busy", "Sentences being decoded right now (all replicas)",
                                 value=pool.busy_slots if pool else 0)
+        steps, rows = pool.batch_steps if pool else (0, 0)
+        yield CounterMetricFamily("tts_batch_steps", "Batched GPT decode steps run", value=steps)
+        yield CounterMetricFamily("tts_batch_rows", "Sentences decoded in those steps (rows / steps: the mean batch size)",
+                                  value=rows)
         yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=pool.waiting if pool else 0)
         yield GaugeMetricFamily("tts_requests_in_progress",
                                 "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",

@@ -295,7 +295,7 @@ class TTSService:
         metrics.note(dropped=reason)  # in the request's access-log line
         why = {"buffer": f"more than {self.settings.stream_max_buffer_seconds:g} s of audio waited unread",
                "stall": f"the client took no data for {self.settings.stream_stall_seconds:g} s"}[reason]
-        log.warning("Stream dropped (request %s): %s; its worker and place are free for others",
+        log.warning("Stream dropped (request %s): %s; its slot and place are free for others",
                     record.request_id if record else "-", why)
 
     # -- synthesis --------------------------------------------------------------------------------

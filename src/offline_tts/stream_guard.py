@@ -1,7 +1,7 @@
 """Bounds on what one stream may cost while its client does not read.
 
 A client that opens a stream and then stops reading (or reads a trickle) must not hold the service. The
-pool gives the worker back as soon as a sentence is generated (engine/pool.py); this guard then drops the
+scheduler frees a sentence's slot as soon as it is generated (engine/scheduler.py); this guard then drops the
 stream when
 - more than `max_buffer_seconds` of generated audio wait unread (made but not yet taken by the
   connection), or

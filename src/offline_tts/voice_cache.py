@@ -107,7 +107,7 @@ class VoiceCache:
         engine: SpeechEngine,
         compute: Callable[[Callable[[SpeechEngine], Conditioning]], Awaitable[Conditioning]],
     ) -> Conditioning:
-        """The voice's conditioning for `engine`'s model; `compute` runs a function on a free worker."""
+        """The voice's conditioning for `engine`'s model; `compute` runs a function on a model replica."""
         digests = await asyncio.to_thread(self.clip_digests, voice)
         key = self.key(digests, engine.model_id)
         self._model_ids.add(engine.model_id)

@@ -44,7 +44,7 @@ def config_view(defaults: Defaults) -> dict:
 
 class AudioStreamResponse(StreamingResponse):
     """A streaming response that always closes its body and releases its job, so generation stops
-    and the worker is freed when the client leaves, even before the first chunk.
+    and its slot in the batch is freed when the client leaves, even before the first chunk.
 
     A client that stops reading is dropped by the job's guard (too much audio waiting, or one write
     stalled too long: see stream_guard.py); its connection is then closed at once."""
@@ -121,7 +121,7 @@ async def encoded_stream(data: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 async def unless_client_leaves(request: Request, job: SynthesisJob, work: Awaitable[T]) -> T:
     """Await `work` (the job's synthesis) while watching the connection: a client that hangs up cancels
-    the job, so its worker and place are freed at the next audio token, not at the end of the text."""
+    the job, so its slot and place are freed at the next audio token, not at the end of the text."""
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":

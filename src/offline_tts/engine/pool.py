@@ -75,6 +75,11 @@ class EnginePool(Generic[E]):
         return sum(s.busy_slots for s in self.schedulers)
 
     @property
+    def batch_steps(self) -> tuple[int, int]:
+        """(batched decode steps run, sentences decoded in them), all replicas together."""
+        return sum(s.steps for s in self.schedulers), sum(s.rows for s in self.schedulers)
+
+    @property
     def waiting(self) -> int:
         """Sentences waiting for a slot."""
         return sum(s.queued for s in self.schedulers)

@@ -108,6 +108,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closed = False
         self._calling = False
+        self.steps = 0  # batched decode steps run
+        self.rows = 0  # sentences decoded in them, all steps together (rows / steps: the mean batch)
         self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
         self._thread.start()
 
@@ -197,6 +199,8 @@ class Scheduler:
             except Exception as exc:
                 self._fail(rows, exc)
                 return
+            self.steps += 1
+            self.rows += len(rows)
             for slot, out in emitted.items():
                 try:
                     self._active[slot].take(out.latent)
