@@ -107,7 +107,10 @@ def test_a_fault_in_one_batched_sentence_fails_only_its_request(faulty):
             status, broken, _ = _stream(client, "Hola faultlate.")
             assert status == 200 and 44 <= len(broken) < len(expected)
             status, data, clean = beside.result()
-        assert status == 200 and clean and data == expected, "a fault in another sentence changed this stream"
+        assert status == 200 and clean and len(data) == len(expected), "a fault in another sentence cut this stream"
+        same = np.frombuffer(expected[44:], np.int16).astype(float)
+        noise = same - np.frombuffer(data[44:], np.int16)
+        assert not noise.any() or 10 * np.log10(np.sum(same**2) / np.sum(noise**2)) > 60, "the stream beside changed"
         wait_for(lambda: gauges(client)["tts_requests_in_progress"] == 0, "all requests released", 30)
         assert gauges(client)["tts_batch_slots_busy"] == 0
 

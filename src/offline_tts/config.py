@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     top_p: float = Field(0.85, gt=0, le=1, description="Nucleus sampling (XTTS default)")
     repetition_penalty: float = Field(10.0, gt=0, description="Repetition penalty (XTTS default)")
     greedy: bool = Field(False, description="Greedy decoding (deterministic output; for tests)")
-    seed: int | None = Field(None, description="Each sentence samples from its own RNG seeded with this (reproducible with any TTS_WORKERS)")
+    seed: int | None = Field(None, description="Each sentence samples from its own RNG seeded with this "
+                             "(reproducible with any TTS_WORKERS, whatever shares its batch)")
 
     # Streaming
     stream_first_chunk_tokens: int = Field(8, ge=1, description="Audio tokens in the first streamed chunk (small = early first audio)")
