@@ -9,6 +9,11 @@ of each in a slot) and `max_queue` more may wait for a slot; beyond that a reque
 (the HTTP layer answers 503 + Retry-After) instead of piling up. A request keeps its place while it
 streams; its sentences take a slot one at a time, each leaving it the moment it is generated (a client
 that reads slowly holds the audio already made, not a slot).
+
+Room to grow: the unit of work is a sentence with a `deliver` callback, not a request, so text that
+arrives in pieces submits each sentence when the splitter completes it (nothing here changes), and a
+second engine only needs a replica object with the same `submit(SentenceJob)` / `call(fn)` (its own
+batching, or none) for the pool to admit, place and stream for it.
 """
 
 from __future__ import annotations

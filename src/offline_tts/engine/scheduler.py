@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .base import Conditioning, StreamPlan
-from .batching import BatchedGpt, Sampling
+from .batching import BatchedGpt, Sampling, default_max_len
 from .streaming import ChunkDecoder
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,14 @@ class SentenceJob:
     plan: StreamPlan | None = None  # None: the whole sentence in one chunk, decoded in one go
     cancel: threading.Event = field(default_factory=threading.Event)
     seed: int | None = None
+
+
+def slot_length(engine) -> int:
+    """Cache positions one slot needs: the longest prefix plus the audio tokens a sentence may make
+    (TTS_MAX_AUDIO_TOKENS shortens the static cache, which is allocated for every slot)."""
+    gpt = engine.model.gpt
+    tokens = int(gpt.max_gen_mel_tokens)
+    return default_max_len(gpt) - tokens + min(tokens, engine.max_audio_tokens or tokens)
 
 
 class _Sequence:
@@ -94,13 +102,7 @@ class Scheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        max_len = None
-        if engine.max_audio_tokens:  # a smaller cap needs a shorter cache per slot
-            gpt = engine.model.gpt
-            from .batching import default_max_len
-
-            max_len = default_max_len(gpt) - gpt.max_gen_mel_tokens + min(gpt.max_gen_mel_tokens, engine.max_audio_tokens)
-        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=max_len)
+        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine))
         self.sampling = Sampling.of_engine(engine)
         self._queue: deque[SentenceJob] = deque()
         self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
