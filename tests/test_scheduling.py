@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import ServerProcess, make_clip, wait_for
+from test_batched_requests import snr_db
 from offline_tts.stream_guard import BUFFER, STALL, StreamGuard
 
 # Thirty sentences: each is capped at a few audio tokens by the tests' TTS_MAX_AUDIO_TOKENS, so the whole
@@ -263,5 +264,8 @@ def test_a_seed_gives_the_same_audio_whatever_runs_beside(start_server) -> None:
     with ThreadPoolExecutor(2) as pool:
         for _ in range(3):
             side = pool.submit(speak, other)
-            assert speak(mine) == alone, "the seed did not reproduce the audio while another request ran"
+            again = speak(mine)
+            # Batched with the other request, a product may round differently in the last bit (fp32): the
+            # same tokens give the same audio within 60 dB; another token drawn would be another sound.
+            assert snr_db(alone, again) > 60, "the seed did not reproduce the audio while another request ran"
             side.result()

@@ -8,7 +8,6 @@ cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -28,7 +27,6 @@ from .config import Settings
 from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
 from .engine.pool import EnginePool, Place
-from .engine.scheduler import DONE, SentenceJob
 from .errors import (
     InvalidText,
     ModelNotReady,
@@ -151,18 +149,7 @@ class TTSService:
     async def _warm_up(self) -> None:
         """One tiny generation per replica so the first real request does not pay for lazy init."""
         noise = (np.random.default_rng(0).standard_normal(22_050 * 3) * 0.1).astype(np.float32)
-        for scheduler in self.pool.schedulers:
-            engine = scheduler.engine
-            cond = await asyncio.wrap_future(scheduler.call(lambda e: e.compute_conditioning([noise])))
-            ended: concurrent.futures.Future = concurrent.futures.Future()
-
-            def deliver(item, ended=ended) -> None:
-                if item is DONE or isinstance(item, BaseException):
-                    ended.set_result(item)
-
-            scheduler.submit(SentenceJob("ok.", engine.languages[0], cond, deliver, plan=StreamPlan(2, 2, 2, 2)))
-            if isinstance(item := await asyncio.wrap_future(ended), BaseException):
-                raise item
+        await self.pool.warm_up(noise, "ok.", StreamPlan(2, 2, 2, 2))
 
     @property
     def ready(self) -> bool:

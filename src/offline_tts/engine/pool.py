@@ -19,6 +19,7 @@ batching, or none) for the pool to admit, place and stream for it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
@@ -143,6 +144,22 @@ class EnginePool(Generic[E]):
             if not finished:
                 cancel.set()  # the consumer left (e.g. a client disconnected): free the slot now
                 scheduler.wake()
+
+    async def warm_up(self, clip: np.ndarray, text: str, plan: StreamPlan) -> None:
+        """Condition a voice on `clip` and speak `text` on every replica (not just the least loaded), so
+        the first real request does not pay for lazy initialisation."""
+        for scheduler in self.schedulers:
+            engine = scheduler.engine
+            conditioning = await asyncio.wrap_future(scheduler.call(lambda e: e.compute_conditioning([clip])))
+            ended: concurrent.futures.Future = concurrent.futures.Future()
+
+            def deliver(item: Any, ended: concurrent.futures.Future = ended) -> None:
+                if item is DONE or isinstance(item, BaseException):
+                    ended.set_result(item)
+
+            scheduler.submit(SentenceJob(text, engine.languages[0], conditioning, deliver, plan=plan))
+            if isinstance(item := await asyncio.wrap_future(ended), BaseException):
+                raise item
 
     def close(self) -> None:
         for scheduler in self.schedulers:
