@@ -49,3 +49,18 @@ def start_server(tiny_model_dir: Path, tmp_path: Path):
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def make_client(tmp_path: Path):
+    """The app in-process, without a model (for what answers before the engine): make_client(**settings)."""
+    from fastapi.testclient import TestClient
+
+    from offline_tts.app import create_app
+    from offline_tts.config import Settings
+
+    def make(**settings) -> TestClient:
+        s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model", **settings)
+        return TestClient(create_app(s, engine_factory=lambda: None), raise_server_exceptions=False)
+
+    return make

@@ -16,7 +16,6 @@ from openai import OpenAI
 from pydantic import ValidationError
 
 from helpers import BIN, ffmpeg_decode, make_clip
-from offline_tts.app import create_app
 from offline_tts.config import Settings
 
 KEY = "edge-key-0123"
@@ -26,16 +25,6 @@ SPEECH = {"model": "tts-1", "input": "Hola.", "response_format": "pcm"}
 HOME_ASSISTANT_PROBES = [{"model": "tts-1", "input": "...", "voice": "alloy", "response_format": "mp3"},
                          {"model": "gpt-4o-mini-tts", "input": ".", "voice": "alloy", "response_format": "mp3"}]
 
-
-@pytest.fixture
-def make_client(tmp_path: Path):
-    """The app in-process (no model: what is tested here answers before the engine)."""
-
-    def make(**settings) -> TestClient:
-        s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model", **settings)
-        return TestClient(create_app(s, engine_factory=lambda: None), raise_server_exceptions=False)
-
-    return make
 
 
 @pytest.fixture(scope="module")

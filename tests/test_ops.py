@@ -10,12 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import ROOT, ServerProcess, ffmpeg_decode, make_clip, wait_for, wav_info
-from offline_tts.app import create_app
-from offline_tts.config import Settings
 
 KEY = "s3cret-key-for-tests"
 FAULT_PLUGIN = str(ROOT / "tests" / "fault_plugin")
@@ -35,14 +32,6 @@ def sample(samples: dict, name: str, **labels: str) -> float:
 
 
 # -- in-process app (no model: everything here answers before the engine) ---------------------------
-@pytest.fixture
-def make_client(tmp_path: Path):
-    def make(**settings) -> TestClient:
-        s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model", **settings)
-        return TestClient(create_app(s, engine_factory=lambda: None), raise_server_exceptions=False)
-
-    return make
-
 
 def test_api_key_needed_everywhere_but_health(make_client):
     client = make_client(api_key=KEY, public_lists=False)  # the public model/voice lists: test_http_edge.py

@@ -44,6 +44,8 @@ from .voices import Voice, VoiceStore
 
 log = logging.getLogger(__name__)
 
+PAUSE_SECONDS = 0.25  # the audio of a text with nothing to speak
+
 EngineFactory = Callable[[], SpeechEngine]
 
 
@@ -183,15 +185,17 @@ class TTSService:
 
     def prepare_sentences(self, text: str, language: str) -> list[str]:
         """The checked text as the sentences the engine will speak, each one it can read (or InvalidText).
+        None for text with nothing to speak ("...", "?!"): it sounds as a short pause (clients such as
+        Home Assistant check a server with "." and must get audio back).
 
         CPU work (splitting, number expansion, tokenizing): call it in a thread, never on the event loop."""
         engine = self.engine
-        sentences = [piece for sentence in text_utils.split_sentences(text, language, engine.char_limit(language))
-                     for piece in engine.prepare_text(sentence, language)]
-        if not sentences:
-            raise InvalidText("The text has nothing to speak (only punctuation or symbols).",
-                              "Send some words to speak in the 'text' field.")
-        return sentences
+        return [piece for sentence in text_utils.split_sentences(text, language, engine.char_limit(language))
+                for piece in engine.prepare_text(sentence, language)]
+
+    def pause(self) -> np.ndarray:
+        """What a text with nothing to speak sounds like."""
+        return np.zeros(int(PAUSE_SECONDS * self.engine.sample_rate), dtype=np.float32)
 
     def check_language(self, language: str | None) -> str:
         """A language code from a client or a setting as the model's code ("zh" -> "zh-cn"), or "auto"."""
@@ -293,6 +297,10 @@ class TTSService:
         guard = job.guard
         made = guard.made if guard is not None else None  # too much waiting unread: the stream is dropped
         try:
+            if not job.sentences:
+                pause = self.pause()
+                stats.first_audio_s, stats.audio_samples = time.perf_counter() - stats.started, len(pause)
+                yield pause
             with engine_faults():
                 for sentence in job.sentences:
                     async for chunk in pool.stream(sentence, job.language, job.conditioning, speed=job.speed,
@@ -325,7 +333,7 @@ class TTSService:
                                                "Nothing to do: the synthesis was stopped.")
         finally:
             job.release()
-        result = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        result = np.concatenate(parts) if parts else self.pause()
         stats.finished = stats.finished or time.perf_counter()
         stats.first_audio_s = stats.finished - stats.started
         stats.audio_samples = len(result)
