@@ -41,7 +41,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidText
 
 STOP = "stop"  # the sequence produced the stop-audio token
 CAP = "cap"  # the sequence reached its token cap
@@ -103,11 +102,8 @@ def default_max_len(gpt) -> int:
 
 
 def sentence_prefix(engine, text: str, language: str, conditioning) -> torch.Tensor:
-    """The GPT prefix of one sentence for `BatchedGpt.admit`: tokenized and checked as `XttsEngine._latents` does."""
-    ids = engine.model.tokenizer.encode(text.strip().lower(), lang=language.split("-")[0])
-    if len(ids) >= engine.model.args.gpt_max_text_tokens:
-        raise InvalidText(f"A sentence is too long for the model ({len(ids)} tokens).",
-                          "Split the text into shorter sentences.")
+    """The GPT prefix of one sentence for `BatchedGpt.admit`: tokenized and checked by the engine."""
+    ids = engine.text_ids(text, language)
     text_ids = torch.tensor(ids, dtype=torch.long, device=engine.device)[None]
     return prefix_embeddings(engine.model.gpt, conditioning.data["gpt_cond_latent"].to(engine.device), text_ids)
 

@@ -192,18 +192,22 @@ class XttsEngine:
         for piece in pieces:
             with self._text_lock:
                 said = self.model.tokenizer.preprocess_text(piece.lower(), lang)
-                tokens = len(self._encode(piece, lang))
             if not any(c.isalnum() for c in said):
                 continue
-            if tokens >= self.model.args.gpt_max_text_tokens:
-                raise InvalidText(f"A sentence is too long for the model ({tokens} text tokens, the limit is "
-                                  f"{self.model.args.gpt_max_text_tokens - 1}).",
-                                  "Cut it into shorter sentences, or write long numbers in shorter groups.")
+            self.text_ids(piece, language)  # too many tokens for the model: InvalidText
             spoken.append(piece)
         return spoken
 
-    def _encode(self, text: str, lang: str) -> list[int]:
-        return self.model.tokenizer.encode(text.strip().lower(), lang=lang)
+    def text_ids(self, text: str, language: str) -> list[int]:
+        """The sentence's text tokens, or InvalidText when the model cannot take that many. The tokenizer
+        has its own lock: text preparation in other threads must not wait for a generation."""
+        with self._text_lock:
+            ids = self.model.tokenizer.encode(text.strip().lower(), lang=language.split("-")[0])
+        limit = self.model.args.gpt_max_text_tokens
+        if len(ids) >= limit:
+            raise InvalidText(f"A sentence is too long for the model ({len(ids)} text tokens, the limit is {limit - 1}).",
+                              "Cut it into shorter sentences, or write long numbers in shorter groups.")
+        return ids
 
     def token_cap(self, text: str) -> int:
         """Most audio tokens one sentence may generate: proportional to its length, never over the model's limit."""
@@ -246,16 +250,11 @@ class XttsEngine:
     def gpt_prefix(self, text: str, language: str, conditioning: Conditioning) -> torch.Tensor:
         """One sentence's GPT prefix (conditioning + text embeddings) for the batched decoder
         (engine/batching.py; the scheduler admits it into a slot). Raises InvalidText for a sentence too long."""
-        with self._text_lock:  # the tokenizer is shared with text preparation in other threads
-            return sentence_prefix(self, text, language, conditioning)
+        return sentence_prefix(self, text, language, conditioning)
 
     def _latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
         """GPT audio latents of one sentence, one frame at a time (caller holds the lock)."""
-        with self._text_lock:
-            ids = self._encode(text, language.split("-")[0])
-        if len(ids) >= self.model.args.gpt_max_text_tokens:
-            raise InvalidText(f"A sentence is too long for the model ({len(ids)} tokens).",
-                              "Split the text into shorter sentences.")
+        ids = self.text_ids(text, language)
         tokens = torch.IntTensor(ids).unsqueeze(0).to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.half else contextlib.nullcontext()
         with autocast:
