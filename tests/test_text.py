@@ -140,3 +140,28 @@ def test_text_fed_in_parts_gives_the_same_pieces(text: str, step: int) -> None:
     pieces += splitter.flush()
     assert pieces == split_sentences(text, "es", 60)
     assert before_flush >= len(pieces) - 2, "a finished piece is returned by feed, not held until the end"
+
+
+def test_a_clause_is_spoken_early_when_no_sentence_end_comes() -> None:
+    """Text in pieces (the WebSocket/Wyoming sessions): past `clause_chars`, a piece ends at its next clause
+    break instead of waiting for the sentence end; without the setting it waits."""
+    text = "Bueno, entonces lo que vamos a hacer mañana por la tarde, si te parece bien, es ir"
+    waiting = SentenceSplitter("es", 250)
+    assert waiting.feed(text) == []
+    assert len(text) - 2 <= waiting.pending_chars <= len(text)  # spaces between clauses are not kept
+    early = SentenceSplitter("es", 250, clause_chars=15)
+    assert early.feed(text) == ["Bueno, entonces lo que vamos a hacer mañana por la tarde,", "si te parece bien,"]
+    assert early.pending_chars == len("es ir")
+    assert early.flush() == ["es ir"]
+    assert early.pending_chars == 0
+
+
+@pytest.mark.parametrize("step", [1, 3, 7])
+def test_clause_breaks_do_not_depend_on_how_the_text_was_cut(step: int) -> None:
+    text = "Uno, dos, tres, cuatro, cinco; seis: siete. Ocho, nueve, diez, once, doce, trece, catorce"
+    whole = SentenceSplitter("es", 250, clause_chars=12)
+    expected = whole.feed(text) + whole.flush()
+    parts = SentenceSplitter("es", 250, clause_chars=12)
+    got = [p for i in range(0, len(text), step) for p in parts.feed(text[i : i + step])] + parts.flush()
+    assert got == expected
+    assert got[0] == "Uno, dos, tres,"

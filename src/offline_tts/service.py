@@ -38,6 +38,7 @@ from .errors import (
     UnsupportedLanguage,
     without_paths,
 )
+from .speech_session import SpeechSession
 from .stream_guard import REASONS, StreamGuard
 from .voice_cache import VoiceCache
 from .voices import Voice, VoiceStore
@@ -225,16 +226,21 @@ class TTSService:
         yield self.default_language()
         yield languages.normalize(self.settings.language_fallback, self.languages, allow_auto=False)
 
-    async def resolve_language(self, text: str, requested: str | None, voice: Voice) -> str:
-        """The language to speak `text` in: the request's, else the voice's, else the default. "auto"
-        (wherever it comes from) detects it from the text; text too short or ambiguous to tell is spoken in
-        the next language named after the "auto" (the voice's, the default, then TTS_LANGUAGE_FALLBACK)."""
+    def language_rule(self, requested: str | None, voice: Voice) -> tuple[str, bool]:
+        """(language, detect): the request's language, else the voice's, else the default; `detect` when an
+        "auto" came first, and then `language` is the next one named after it (the voice's, the default,
+        then TTS_LANGUAGE_FALLBACK): what text too short or ambiguous to tell is spoken in."""
         detect = False
         for choice in self._language_choices(requested, voice):
             if choice == languages.AUTO:
                 detect = True
             elif choice:
                 break
+        return choice, detect
+
+    async def resolve_language(self, text: str, requested: str | None, voice: Voice) -> str:
+        """The language to speak `text` in (see `language_rule`; "auto" detects it from the text)."""
+        choice, detect = self.language_rule(requested, voice)
         if not detect:
             return choice
         return await asyncio.to_thread(languages.detect, text, self.languages, choice)
@@ -301,22 +307,43 @@ class TTSService:
                 pause = self.pause()
                 stats.first_audio_s, stats.audio_samples = time.perf_counter() - stats.started, len(pause)
                 yield pause
-            with engine_faults():
-                for sentence in job.sentences:
-                    async for chunk in pool.stream(sentence, job.language, job.conditioning, speed=job.speed,
-                                                   plan=self.plan, cancel=job.cancel, seed=self.settings.seed,
-                                                   made=made):
-                        if stats.first_audio_s is None:
-                            stats.first_audio_s = time.perf_counter() - stats.started
-                        stats.audio_samples += len(chunk)
-                        if guard is not None:
-                            guard.took(len(chunk))
-                        yield chunk
-                    if job.cancel.is_set():
-                        return
+            async for chunk in self.speak_pieces(job.sentences, job.language, job.conditioning, job.speed,
+                                                 job.cancel, made):
+                if stats.first_audio_s is None:
+                    stats.first_audio_s = time.perf_counter() - stats.started
+                stats.audio_samples += len(chunk)
+                if guard is not None:
+                    guard.took(len(chunk))
+                yield chunk
         finally:
             stats.finished = time.perf_counter()
             job.release()  # also stops the worker thread at its next chunk if the client went away
+
+    async def speak_pieces(self, pieces: list[str], language: str, conditioning: Conditioning, speed: float,
+                           cancel: threading.Event, made: Callable[[int], None] | None = None,
+                           ) -> AsyncIterator[np.ndarray]:
+        """Prepared sentences (`prepare_sentences` / the engine's `prepare_text`) as streamed audio chunks, one
+        sentence after the other; stops when `cancel` is set. A fault in the model is a SynthesisFailed."""
+        pool = self.require_pool()
+        with engine_faults():
+            for piece in pieces:
+                async for chunk in pool.stream(piece, language, conditioning, speed=speed, plan=self.plan,
+                                               cancel=cancel, seed=self.settings.seed, made=made):
+                    yield chunk
+                if cancel.is_set():
+                    return
+
+    async def open_session(self, voice: str | None, language: str | None, speed: float = 1.0,
+                           clause_chars: int = 0) -> SpeechSession:
+        """A session for text that arrives in pieces (speech_session.py), its voice conditioned and its
+        language settled ("auto": detected from its first sentence); raises what `prepare` raises."""
+        self.require_pool()
+        requested = self.check_language(language) if language and language.strip() else None
+        resolved = self.resolve_voice(voice)
+        lang, detect = self.language_rule(requested, resolved)
+        async with self.admission():
+            conditioning = await self.conditioning(resolved)
+        return SpeechSession(self, resolved, conditioning, lang, detect, speed, clause_chars)
 
     async def synthesize(self, job: SynthesisJob, stats: Stats | None = None) -> np.ndarray:
         pool = self.require_pool()

@@ -68,17 +68,20 @@ class SentenceSplitter:
     A sentence end is certain once the word after it is seen (its case, and whether the period belongs to an
     abbreviation, decide); a sentence longer than `max_chars` is cut at clause punctuation, then between
     words (then inside a giant word), packing greedily, and its first pieces come out before the sentence
-    ends. `feed(a); feed(b); flush()` returns the same pieces as `feed(a + b); flush()`.
+    ends. With `clause_chars`, a piece at least that long is also returned at its clause break (",", ";",
+    ...), so text that streams in without a sentence end starts to be spoken. `feed(a); feed(b); flush()`
+    returns the same pieces as `feed(a + b); flush()`.
 
     Linear time: the buffer is scanned forward once; only a sentence end that waits for the next word is
     looked at again, and that lookahead is bounded (_MAX_OPENERS).
     """
 
-    def __init__(self, language: str, max_chars: int):
+    def __init__(self, language: str, max_chars: int, clause_chars: int = 0):
         if max_chars < 1:
             raise ValueError("max_chars must be at least 1")
         base = language.split("-")[0].lower()
         self.max_chars = max_chars
+        self.clause_chars = clause_chars  # > 0: a piece this long ends at its next clause break (text in pieces)
         self._abbreviations = _SHARED_ABBREVIATIONS | _ABBREVIATIONS.get(base, set())
         self._ordinal_dot = base in _ORDINAL_DOT
         self._reset()
@@ -93,6 +96,11 @@ class SentenceSplitter:
         self._after_space = True  # the last character fed was whitespace (drop more of it)
 
     # -- public -----------------------------------------------------------------------------------
+    @property
+    def pending_chars(self) -> int:
+        """Characters fed and not returned yet (spaces between clauses not counted)."""
+        return len(self._buf) - self._start + len(self._piece)
+
     def feed(self, text: str) -> list[str]:
         """Add text; return the pieces that are now final (maybe none)."""
         self._append(text)
@@ -232,6 +240,9 @@ class SentenceSplitter:
             else:
                 full.append(self._piece)
                 self._piece = unit
+            if 0 < self.clause_chars <= len(self._piece):  # long enough to speak without waiting for the end
+                full.append(self._piece)
+                self._piece = ""
         return full
 
     def _finish_piece(self) -> list[str]:
