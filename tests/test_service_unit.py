@@ -109,8 +109,8 @@ def test_openai_names_map_to_a_real_voice_and_usage_counts_audio_tokens(fake_app
                                               "response_format": "pcm"})
     assert r.status_code == 200 and len(r.content) == 2 * samples_of("Hola mundo.")
     service = client.app.state.service
-    assert service.voice_for_openai_name("alloy") == "ana"  # no default: the first voice by name
-    assert service.voice_for_openai_name("zoe") == "zoe"
+    assert service.voice_for_openai_name("alloy").name == "ana"  # no default: the first voice by name
+    assert service.voice_for_openai_name("zoe").name == "zoe"
     with pytest.raises(VoiceNotFound):
         service.voice_for_openai_name("nadie")
     r = client.post("/v1/audio/speech", json={"model": "tts-1", "voice": "ana", "input": "Hola mundo.",
@@ -207,3 +207,23 @@ def test_a_session_sentence_is_refused_when_the_line_is_full_and_errors_are_per_
     refused, after = client.portal.call(scenario)
     assert isinstance(refused[-1].error, Busy)
     assert [e.text for e in after if isinstance(e, SentenceDone)] == ["Ahora sí."]
+
+
+def test_clips_are_read_to_find_their_cache_key_only_when_they_change(fake_app, monkeypatch):
+    from helpers import make_clip
+    from offline_tts import voice_cache
+
+    client, engine = fake_app()
+    hashed = []
+    real_digest = voice_cache.file_digest
+    monkeypatch.setattr(voice_cache, "file_digest", lambda path: hashed.append(path.name) or real_digest(path))
+    body = {"text": "Hola.", "voice_sample": "ana", "format": "pcm"}
+    assert client.post("/api/tts/batch", json=body).status_code == 200
+    conditioned, hashed_before = engine.conditioned, len(hashed)
+    for _ in range(3):
+        assert client.post("/api/tts/batch", json=body).status_code == 200
+    assert len(hashed) == hashed_before and engine.conditioned == conditioned  # memo + cache: nothing read again
+    settings = client.app.state.settings
+    make_clip(settings.voices_dir / "ana.wav", seconds=7, freq=440)  # the clip rewritten in place
+    assert client.post("/api/tts/batch", json=body).status_code == 200
+    assert hashed[hashed_before:] == ["ana.wav"] and engine.conditioned == conditioned + 1

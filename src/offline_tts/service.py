@@ -264,7 +264,9 @@ class TTSService:
             return choice
         return await asyncio.to_thread(languages.detect, text, self.languages, choice)
 
-    def resolve_voice(self, name: str | None) -> Voice:
+    def resolve_voice(self, name: str | Voice | None) -> Voice:
+        if isinstance(name, Voice):  # resolved already (e.g. by `voice_for_openai_name`)
+            return name
         name = name or self.defaults.current.voice_sample
         if not name:
             available = ", ".join(self.voices.names()) or "none yet"
@@ -272,39 +274,38 @@ class TTSService:
                           f"Pass 'voice_sample' (available: {available}) or set a default with POST /api/config.")
         return self.voices.resolve(name)
 
-    def voice_for_openai_name(self, name: str) -> str | None:
+    def voice_for_openai_name(self, name: str) -> Voice | None:
         """The voice an OpenAI client's `voice` means (None: the default voice): a voice of this service wins;
         else TTS_OPENAI_VOICE_MAP's mapping; else an OpenAI voice name ("alloy") is the default voice or, with
         none set, the first voice by name (predictable), so clients whose default is `alloy` (Home Assistant's
         key check, SillyTavern, pipecat) hear a real voice."""
         try:
-            self.voices.resolve(name)
-            return name
+            return self.voices.resolve(name)
         except VoiceNotFound:
             key = name.lower()
             mapped = self.settings.openai_voice_map.get(key) or self.settings.openai_voice_map.get(name)
             if mapped:
                 try:
-                    self.voices.resolve(mapped)
+                    return self.voices.resolve(mapped)
                 except VoiceNotFound as exc:
                     exc.hint = f"TTS_OPENAI_VOICE_MAP maps {name!r} to {mapped!r}, which does not exist. " + exc.hint
                     raise
-                return mapped
             if key not in OPENAI_VOICES:
                 raise
             if self.defaults.current.voice_sample:
                 return None
-            if not (names := self.voices.names()):
+            if not (voices := self.voices.list()):
                 raise NoVoice(f"{name!r} is an OpenAI voice name, and this server has no voice yet.",
                               "Add a voice (POST /api/voices, or a clip in the voices directory), then map OpenAI "
                               "names with TTS_OPENAI_VOICE_MAP or set a default voice (POST /api/config).") from None
-            return min(names)
+            return min(voices, key=lambda v: v.name)
 
     async def conditioning(self, voice: Voice) -> Conditioning:
         pool = self.require_pool()
         return await self.cache.get(voice, pool.engines[0], pool.run)
 
-    async def prepare(self, text: str | None, voice: str | None, language: str | None, speed: float = 1.0) -> SynthesisJob:
+    async def prepare(self, text: str | None, voice: str | Voice | None, language: str | None,
+                      speed: float = 1.0) -> SynthesisJob:
         """Validate a request and get its voice conditioning: everything that can fail before audio starts."""
         pool = self.require_pool()
         text = self.check_text(text)
@@ -380,7 +381,7 @@ class TTSService:
                 if cancel.is_set():
                     return
 
-    async def open_session(self, voice: str | None, language: str | None, speed: float = 1.0,
+    async def open_session(self, voice: str | Voice | None, language: str | None, speed: float = 1.0,
                            clause_chars: int = 0) -> SpeechSession:
         """A session for text that arrives in pieces (speech_session.py), its voice conditioned and its
         language settled ("auto": detected from its first sentence); raises what `prepare` raises."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import encoders, telemetry
 from ..errors import InvalidText, TTSError
 from ..service import SynthesisJob, TTSService
+from ..voices import Voice
 from .deps import get_service
 from .errors import error_body
 from .responses import AudioStreamResponse, encoded_stream
@@ -81,7 +82,7 @@ def check_speed(speed: float | None) -> float:
     return speed
 
 
-def resolve_voice(voice: str | dict[str, Any] | None, service: TTSService) -> str | None:
+def resolve_voice(voice: str | dict[str, Any] | None, service: TTSService) -> Voice | None:
     """The service voice to speak in (None = the default voice)."""
     if isinstance(voice, dict):
         voice = voice.get("id")
