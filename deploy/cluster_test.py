@@ -226,7 +226,7 @@ def model_dir(cache: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--deadline", type=float, default=600, help="give up (and fail) after this many seconds")
+    parser.add_argument("--deadline", type=float, default=900, help="give up (and fail) after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (logs, shared folder)")
     args = parser.parse_args(argv)
     if not shutil.which("haproxy"):
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         balancer.start()
         say(f"HAProxy {balancer.url} (round-robin, health check GET /ready every 300 ms)")
         for r in replicas:
-            wait(r.ready, f"replica {r.name} to be ready", 300)
+            wait(r.ready, f"replica {r.name} to be ready", 600)
         wait(lambda: set(balancer.states().values()) == {"UP"}, "HAProxy to see every replica UP", 30)
         say(f"All ready; HAProxy: {balancer.states()}")
         run_checks(checks, balancer, replicas, workdir)
@@ -392,7 +392,7 @@ def run_checks(checks: Checks, lb: Balancer, replicas: list[Replica], workdir: P
         victim = replicas[1]
         victim.start()
         started = time.monotonic()
-        wait(victim.ready, f"{victim.name} to be ready again", 300)
+        wait(victim.ready, f"{victim.name} to be ready again", 600)
         wait(lambda: lb.states().get(victim.name) == "UP", f"HAProxy to mark {victim.name} UP", 30)
         up_after = time.monotonic() - started
         served = Counter(speak(lb.url, "v0").headers["x-served-by"] for _ in range(3 * len(replicas)))
