@@ -47,7 +47,7 @@ cluster-deps:  ## HAProxy, the load balancer of `make cluster-test` (Debian pack
 	  echo "Installing haproxy (apt-get)..."; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
 
-cluster-test: setup cluster-deps  ## 3 replicas on one shared folder behind HAProxy: sharing, failover, rejoin (loopback, tiny model, < 15 min)
+cluster-test: setup cluster-deps  ## 3 replicas on one shared folder behind HAProxy: sharing, failover, rejoin (loopback, tiny model, at most 20 min)
 	$(VENV)/bin/python deploy/cluster_test.py $(CLUSTER_ARGS)
 
 random-model: setup  ## write a tiny random-weight checkpoint to models/random-tiny (for trying the service offline)
