@@ -89,22 +89,23 @@ def test_atomic_write_failure_keeps_the_old_entry(tmp_path: Path) -> None:
 
 
 # -- two real servers on one folder ------------------------------------------------------------------
-@pytest.fixture
-def two_servers(tiny_model_dir: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def two_servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two replicas started together on one voices/cache folder (shared by the tests of this module)."""
+    tmp_path = tmp_path_factory.mktemp("replicas")
     shared = tmp_path / "shared"
     env = {"TTS_VOICES_DIR": str(shared / "voices"), "TTS_CACHE_DIR": str(shared / "cache")}
     make_clip(shared / "voices" / "ana.wav", seconds=6, freq=220)
     servers = [ServerProcess(tmp_path / f"replica{i}", tiny_model_dir, env) for i in range(2)]
-    threads = [threading.Thread(target=s.start) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in servers:
-        s.wait_ready()
-    yield shared, servers
-    for s in servers:
-        s.stop()
+    try:
+        for s in servers:
+            s.start(wait_ready=False)  # both load at once, as replicas of a deployment do
+        for s in servers:
+            s.wait_ready(300)
+        yield shared, servers
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def speak(srv: ServerProcess, voice: str | None = None) -> httpx.Response:
@@ -164,7 +165,7 @@ def test_two_servers_conditioning_one_voice_at_once_write_one_valid_entry(two_se
     c = ServerProcess(tmp_path / "replica2", tiny_model_dir,
                       {"TTS_VOICES_DIR": str(shared / "voices"), "TTS_CACHE_DIR": str(shared / "cache")})
     try:
-        c.start()
+        c.start(wait_ready=False).wait_ready(300)
         assert speak(c, "carla").status_code == 200
         assert metric(c, "tts_voice_cache_disk_hits") == 1 and metric(c, "tts_voice_cache_misses") == 0
         assert "Discarding" not in a.log() + b.log() + c.log()
