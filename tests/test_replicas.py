@@ -88,6 +88,30 @@ def test_atomic_write_failure_keeps_the_old_entry(tmp_path: Path) -> None:
     assert path.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [path]
 
 
+_REPLACER = """
+import sys
+from pathlib import Path
+from offline_tts.voices import VoiceStore
+store = VoiceStore(Path(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    with store.staging() as staging:
+        clip = staging / f"clip{sys.argv[2] if i % 2 else '.wav'}"
+        clip.write_bytes(b"RIFF" + bytes(1000))
+        store.commit("ana", [clip], staging, replace=True)
+"""
+
+
+def test_replicas_replacing_one_voice_at_once_leave_one_voice(tmp_path: Path) -> None:
+    """Three processes replace voice 'ana' 150 times each, with clips of different extensions: every
+    replace succeeds and one clip holds the name at the end (not ana.wav beside ana.mp3: ambiguous)."""
+    voices = tmp_path / "voices"
+    procs = [subprocess.Popen([sys.executable, "-c", _REPLACER, str(voices), ext, "150"], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True) for ext in (".mp3", ".ogg", ".flac")]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert [p.name for p in voices.iterdir() if not p.name.startswith(".")] in (["ana.wav"], ["ana.mp3"], ["ana.ogg"], ["ana.flac"])
+
+
 # -- two real servers on one folder ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):

@@ -306,7 +306,7 @@ class VoiceStore:
                     with contextlib.suppress(OSError):
                         os.rename(trash / entry.name, entry)
                 raise
-        return self.resolve(name)
+            return self.resolve(name)  # under the lock: what this commit stored, not another replica's next one
 
     def delete(self, name: str) -> Voice:
         """Remove a voice (its clip, or its folder of clips); returns what was removed."""
