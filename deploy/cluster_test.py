@@ -383,7 +383,7 @@ def run_checks(checks: Checks, lb: Balancer, replicas: list[Replica], workdir: P
         by_server = Counter(outcome[i][0] for i in outcome)
         failed = [s for s, result in outcome.values() if result != "ok"]
         ok_others = [s for s, result in outcome.values() if result == "ok" and s != victim.name]
-        assert len(outcome) == n, f"{n - len(outcome)} streams never finished"
+        assert len(outcome) == n, f"{n - len(outcome)} streams still running 420 s after the kill (a very slow machine?)"
         assert all(s == victim.name for s in failed), f"requests on other replicas failed: {outcome}"
         assert len(ok_others) == n - by_server[victim.name], f"{outcome}"
         assert by_server[victim.name] > 0 and failed, f"the victim held no request, nothing was tested: {outcome}"
