@@ -42,7 +42,15 @@ bench: setup  ## benchmark on the full-size random-weight model (about 10 min; -
 load: setup  ## load test on the tiny model, loopback only, bounded in time
 	$(VENV)/bin/python -m bench.load $(LOAD_ARGS)
 
+cluster-deps:  ## HAProxy, the load balancer of `make cluster-test` (Debian package)
+	@command -v haproxy >/dev/null || { \
+	  echo "Installing haproxy (apt-get)..."; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends haproxy >/dev/null; }
+
+cluster-test: setup cluster-deps  ## 3 replicas on one shared folder behind HAProxy: sharing, failover, rejoin (loopback, tiny model, at most 20 min)
+	$(VENV)/bin/python deploy/cluster_test.py $(CLUSTER_ARGS)
+
 random-model: setup  ## write a tiny random-weight checkpoint to models/random-tiny (for trying the service offline)
 	$(VENV)/bin/offline-tts random-model models/random-tiny --size tiny
 
-.PHONY: help system-deps browser-deps setup run test bench load random-model
+.PHONY: help system-deps browser-deps setup run test bench load cluster-deps cluster-test random-model

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from . import audio
 from .errors import InsufficientStorage, InvalidAudio, InvalidVoiceName, UnsupportedLanguage, VoiceExists, VoiceNotFound
-from .fileio import atomic_write
+from .fileio import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ UPLOAD_NAME_RULE = "1-64 characters: letters, digits, '_' and '-', starting with
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SETTINGS_SUFFIX = ".json"  # `voices/<name>.json` beside a voice's clip or folder: {"language": "en"}
 _MAX_SETTINGS_BYTES = 4096
+LOCK_FILE = ".voices.lock"  # hidden: never listed as a voice
+LEFTOVER_SECONDS = 3600  # a staging folder untouched this long belongs to no running upload
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -67,14 +70,23 @@ class VoiceStore:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._write_lock = threading.Lock()  # one commit or delete at a time
+        self._thread_lock = threading.Lock()
         self._remove_leftovers()
 
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One commit or delete at a time, in this process and in every replica sharing the directory."""
+        with self._thread_lock, file_lock(self.root / LOCK_FILE):
+            yield
+
     def _remove_leftovers(self) -> None:
-        """Staging folders of uploads/deletes cut short by a crash (hidden, never read): no one owns them at startup."""
+        """Staging folders of uploads/deletes cut short by a crash (hidden, never read). Only old ones:
+        a young one may be another replica's upload in progress (replicas share the directory)."""
+        too_old = time.time() - LEFTOVER_SECONDS
         for leftover in [*self.root.glob(".upload-*"), *self.root.glob(".delete-*")]:
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if leftover.is_dir() and not leftover.is_symlink() and leftover.stat().st_mtime < too_old:
+                    shutil.rmtree(leftover, ignore_errors=True)
 
     @property
     def real_root(self) -> Path:
@@ -275,7 +287,7 @@ class VoiceStore:
         name = self.check_upload_name(name)
         if not clips:
             raise ValueError("a voice needs at least one clip")
-        with self._write_lock, disk_full_refused():
+        with self._write_lock(), disk_full_refused():
             self.check_new(name, replace)
             old = self.entries(name)
             trash = staging / ".replaced"
@@ -297,11 +309,11 @@ class VoiceStore:
                     with contextlib.suppress(OSError):
                         os.rename(trash / entry.name, entry)
                 raise
-        return self.resolve(name)
+            return self.resolve(name)  # under the lock: what this commit stored, not another replica's next one
 
     def delete(self, name: str) -> Voice:
         """Remove a voice (its clip, or its folder of clips); returns what was removed."""
-        with self._write_lock:
+        with self._write_lock():
             voice = self.resolve(name)
             direct = self.root / self.check_name(name)
             entry = direct if (direct.exists() or direct.is_symlink()) else self.entries(voice.name)[0]
