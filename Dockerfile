@@ -28,13 +28,18 @@ COPY --from=uv /uv /usr/local/bin/uv
 # Python 3.11 is a uv-managed, self-contained CPython build pinned by uv itself: no PPA or
 # distro Python is needed (Ubuntu 24.04 ships 3.12), and the same interpreter is used on every
 # build. It lives in /opt/python so the runtime stage can copy it to the same path.
+# PYTHON_PREFERENCE=only-system uses the base image's own python3.11 instead, for a base that has
+# one and a build that cannot download uv's Python (`make image-test`'s stand-in base does this).
+ARG PYTHON_PREFERENCE=only-managed
 ENV UV_PYTHON=3.11 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
+    UV_PYTHON_PREFERENCE=${PYTHON_PREFERENCE} \
     UV_PROJECT_ENVIRONMENT=/app/.venv \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy
 
+# Exists even when the system Python is used: the runtime stage copies it.
+WORKDIR /opt/python
 WORKDIR /app
 
 # Dependencies first, from the lock file only: this layer (torch & co., several GB) is rebuilt
