@@ -55,9 +55,13 @@ info "$(podman --version), runc $(runc --version | awk 'NR==1{print $3}'), podma
 
 # podman configuration used only by this script.
 mkdir -p "$STATE/storage" "$STATE/run" "$STATE/tmp"
+# runc cannot raise a limit above the session's hard limit (no CAP_SYS_RESOURCE in this sandbox), and
+# here nproc above 32768 is refused even below `ulimit -Hu`: take the lower of the two.
 nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
 [ "$nofile" = unlimited ] && nofile=1048576
 [ "$nproc" = unlimited ] && nproc=1048576
+((nofile > 1048576)) && nofile=1048576
+((nproc > 32768)) && nproc=32768
 cat >"$STATE/containers.conf" <<EOF
 # Written by scripts/image-test.sh. crun fails on hybrid cgroups here ("not supported"): runc works.
 # runc refuses default ulimits above the session's own hard limits.
@@ -135,7 +139,7 @@ if podman image exists "$UV_IMAGE"; then
   info "present"
 else
   mkdir -p "$WORK/uv"
-  "$ROOT/.cache/tools/bin/pip" download -q --no-deps --only-binary=:all: --dest "$WORK/uv" "uv==$UV_IMAGE_VERSION"
+  PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= "$ROOT/.cache/tools/bin/pip" download -q --no-deps --only-binary=:all: --dest "$WORK/uv" "uv==$UV_IMAGE_VERSION"
   (cd "$WORK/uv" && "$VENV_PY" -m zipfile -e uv-*.whl wheel && install -m 0755 wheel/uv-*.data/scripts/uv uv \
      && install -m 0755 wheel/uv-*.data/scripts/uvx uvx)
   printf 'FROM scratch\nCOPY uv uvx /\n' >"$WORK/uv/Containerfile"
@@ -150,7 +154,8 @@ mkdir -p "$SRC"
    | tar --null --files-from=- --ignore-failed-read -c 2>/dev/null) | tar -x -C "$SRC"
 info "$(find "$SRC" -type f | wc -l) files in $SRC"
 
-BUILD_ARGS=(--build-arg PYTHON_PREFERENCE=only-system --build-arg APP_UID=1000)
+# Builds do not read default_ulimits from containers.conf: pass them.
+BUILD_ARGS=(--ulimit "nofile=$nofile:$nofile" --ulimit "nproc=$nproc:$nproc" --build-arg PYTHON_PREFERENCE=only-system --build-arg APP_UID=1000)
 build() {  # the time of one build, in seconds, on stdout; its log in $1
   local log=$1 start=$SECONDS
   timeout "$BUILD_TIMEOUT" podman build --pull=never "${BUILD_ARGS[@]}" -t offline-tts:latest "$SRC" >"$log" 2>&1 \
