@@ -44,6 +44,7 @@ need=()
 for tool in podman:podman buildah:buildah runc:runc debootstrap:debootstrap newuidmap:uidmap curl:curl ffmpeg:ffmpeg; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
+[ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)  # compose's `init: true`
 if ((${#need[@]})); then
   info "installing ${need[*]}"
   $SUDO apt-get update -qq
