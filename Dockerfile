@@ -91,10 +91,12 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /app/.venv /app/.venv
 # The project's wheel, with uv mounted for this step only (no uv in the image); no index: the
-# dependencies are all in the venv already.
-RUN --mount=type=bind,from=project,source=/dist,target=/dist \
-    --mount=type=bind,from=uv,source=/uv,target=/usr/local/bin/uv \
-    uv pip install --python /app/.venv/bin/python --no-deps --no-index --no-cache --compile-bytecode /dist/*.whl
+# dependencies are all in the venv already. The wheel is COPYed, not bind-mounted: buildah's layer
+# cache does not see a changed bind-mounted file and would keep the old code (podman 4.3).
+COPY --from=project /dist /tmp/dist
+RUN --mount=type=bind,from=uv,source=/uv,target=/usr/local/bin/uv \
+    uv pip install --python /app/.venv/bin/python --no-deps --no-index --no-cache --compile-bytecode /tmp/dist/*.whl \
+ && rm -rf /tmp/dist
 
 # The TTS_* variables are Settings fields (src/offline_tts/config.py); a test checks that.
 # /models and /cache are meant to be volumes (the model download and the latents survive

@@ -96,7 +96,6 @@ cleanup() {
   fi
   podman rm -f -t 0 "${PROJECT}_${SERVICE}_1" >/dev/null 2>&1
   podman volume rm -f "${PROJECT}_tts-model" "${PROJECT}_tts-cache" >/dev/null 2>&1
-  podman image prune -f >/dev/null 2>&1  # dangling images of earlier builds (the cache keeps the layers in use)
   rm -rf "$WORK"
   if [ "$rc" = 0 ]; then printf '\nimage-test passed in %ds\n' $((SECONDS - T0)); else printf '\nimage-test FAILED (exit %d) after %ds\n' "$rc" $((SECONDS - T0)); fi
 }
@@ -170,13 +169,17 @@ deps_cached=$(grep -c 'Using cache' "$STATE/build.log" || true)
 info "build: ${cold_s} s ($deps_cached steps from the cache)"
 
 step "Rebuild after a source-only change (must reuse the dependency layer: no download)"
-printf '\n# image-test %s\n' "$(date +%s%N)" >>"$SRC/src/offline_tts/__init__.py"
+marker="image-test $(date +%s%N)"
+printf '\n# %s\n' "$marker" >>"$SRC/src/offline_tts/__init__.py"
 warm_s=$(build "$STATE/rebuild.log")
+podman run --rm --no-healthcheck --entrypoint sh offline-tts:latest -c \
+  'cat "$(python -c "import offline_tts; print(offline_tts.__file__)")"' | grep -qF "$marker" \
+  || fail "the rebuilt image does not hold the edited source (a stale build cache)"
 dep_line=$(grep -n 'uv sync --frozen --no-dev --no-install-project' "$STATE/rebuild.log" | head -1 | cut -d: -f1)
 sed -n "$((dep_line + 1))p" "$STATE/rebuild.log" | grep -q 'Using cache' \
   || { sed -n "$dep_line,$((dep_line + 5))p" "$STATE/rebuild.log"; fail "the dependency layer was rebuilt after a source-only change"; }
 if grep -qiE 'Downloading|Downloaded' "$STATE/rebuild.log"; then fail "the rebuild downloaded something"; fi
-info "rebuild: ${warm_s} s, dependency layer from the cache, nothing downloaded"
+info "rebuild: ${warm_s} s, dependency layer from the cache, nothing downloaded; the image holds the edit"
 
 step "Image"
 podman image inspect -f '{{json .Config.Healthcheck}}' offline-tts:latest | grep -q '/health' \
@@ -184,13 +187,12 @@ podman image inspect -f '{{json .Config.Healthcheck}}' offline-tts:latest | grep
 podman image inspect -f '{{.Config.User}}' offline-tts:latest | grep -qx '1000:1000' || fail "the image does not run as 1000:1000"
 size=$(podman image inspect -f '{{.Size}}' offline-tts:latest)
 base=$(podman image inspect -f '{{.Size}}' "$CUDA_IMAGE")
-breakdown=$(podman run --rm --entrypoint python offline-tts:latest -c '
+breakdown=$(podman run --rm --no-healthcheck --entrypoint python offline-tts:latest -c '
 import pathlib, site
 sp = pathlib.Path(site.getsitepackages()[0])
-def du(p): return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
-torch = du(sp / "torch"); nvidia = du(sp / "nvidia") if (sp / "nvidia").is_dir() else 0
-triton = du(sp / "triton") if (sp / "triton").is_dir() else 0
-print(f"venv {du(pathlib.Path(\"/app/.venv\"))/1e9:.2f} GB: torch {torch/1e9:.2f} GB, nvidia CUDA libraries {nvidia/1e9:.2f} GB, triton {triton/1e9:.2f} GB")')
+def du(p): return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.is_dir() else 0
+venv, torch, nvidia, triton = (du(p) / 1e9 for p in (pathlib.Path("/app/.venv"), sp / "torch", sp / "nvidia", sp / "triton"))
+print(f"venv {venv:.2f} GB: torch {torch:.2f} GB, nvidia-* CUDA libraries {nvidia:.2f} GB, triton {triton:.2f} GB")')
 info "offline-tts:latest $(awk -v s="$size" 'BEGIN{printf "%.2f GB", s/1e9}') (stand-in base $(awk -v s="$base" 'BEGIN{printf "%.2f GB", s/1e9}')); $breakdown"
 info "HEALTHCHECK present, USER 1000:1000"
 
@@ -204,3 +206,4 @@ export IMAGE_TEST_BUILD_ARGS="${BUILD_ARGS[*]}" IMAGE_TEST_COMPOSE="${COMPOSE[*]
 step "Summary"
 info "cold build ${cold_s} s (a cold build only on the first run in $STATE), rebuild after a source change ${warm_s} s"
 info "image $(awk -v s="$size" 'BEGIN{printf "%.2f GB", s/1e9}'); $breakdown"
+info "podman storage in $STATE: $(du -sh "$STATE/storage" 2>/dev/null | cut -f1) (kept for the next run; make image-test-clean)"
