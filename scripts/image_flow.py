@@ -131,6 +131,7 @@ run(str(ROOT / ".venv/bin/offline-tts"), "random-model", str(MODEL_SRC), "--size
 info(f"voices/imagetest.wav (6 s); model {sum(f.stat().st_size for f in MODEL_SRC.iterdir()) / 1e6:.0f} MB")
 
 step("Mistake 1: a model folder the container's user cannot read (root's, mode 0700) -> clear startup error")
+run("podman", "volume", "rm", "-f", MODEL_VOLUME, check=False)  # left by an interrupted run
 run("podman", "volume", "create", MODEL_VOLUME)
 in_model_volume("cp -a /src /models/xtts_v2 && chown -R 0:0 /models/xtts_v2 && chmod 0700 /models/xtts_v2")
 done = run("podman", "run", "--rm", "-e", "TTS_DEVICE=cpu", "-v", f"{MODEL_VOLUME}:/models", IMAGE, check=False, timeout=120)
@@ -219,12 +220,13 @@ with httpx.Client(base_url=URL, timeout=300) as http:
     config_after = http.get("/").json()["config"]
     expect(config_after == config_before, "the config was not kept", (config_before, config_after))
     info(f"GET / -> {json.dumps(config_after)} (kept)")
-    before = metric("tts_voice_cache_disk_hits")
     r = http.post("/api/tts/batch", json={"text": "After the restart."})
     expect(r.status_code == 200, "batch after restart", r.text)
-    hits = metric("tts_voice_cache_disk_hits") - before
-    expect(hits >= 1, "the voice was conditioned again: the cache volume was not kept", logs(name)[-3000:])
-    info(f"batch after restart -> 200; voice conditioning loaded from the cache volume ({hits:.0f} disk hit)")
+    # The default voice is loaded right after startup (or by this request): from the disk, not computed.
+    hits, misses = metric("tts_voice_cache_disk_hits"), metric("tts_voice_cache_misses")
+    expect(hits >= 1 and misses == 0, f"the voice was conditioned again ({hits} disk hits, {misses} misses): "
+           "the cache volume was not kept", logs(name)[-3000:])
+    info(f"batch after restart -> 200; voice conditioning loaded from the cache volume ({hits:.0f} disk hit, 0 computed)")
 
 step("SIGTERM (compose stop) during a stream: the service drains and exits within the grace period")
 grace_text = str(yaml.safe_load((SRC / "docker-compose.yml").read_text())["x-tts-service"]["stop_grace_period"])
