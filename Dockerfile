@@ -28,9 +28,12 @@ COPY --from=uv /uv /usr/local/bin/uv
 # Python 3.11 is a uv-managed, self-contained CPython build pinned by uv itself: no PPA or
 # distro Python is needed (Ubuntu 24.04 ships 3.12), and the same interpreter is used on every
 # build. It lives in /opt/python so the runtime stage can copy it to the same path.
+# PYTHON_PREFERENCE=only-system uses the base image's own python3.11 instead, for a base that has
+# one and a build that cannot download uv's Python (`make image-test`'s stand-in base does this).
+ARG PYTHON_PREFERENCE=only-managed
 ENV UV_PYTHON=3.11 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
+    UV_PYTHON_PREFERENCE=${PYTHON_PREFERENCE} \
     UV_PROJECT_ENVIRONMENT=/app/.venv \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy
@@ -40,17 +43,21 @@ WORKDIR /app
 # Dependencies first, from the lock file only: this layer (torch & co., several GB) is rebuilt
 # only when pyproject.toml or uv.lock change, not on every source edit. The BuildKit cache
 # mount keeps downloaded wheels across builds without putting them in the image.
+# `uv sync` downloads the interpreter (UV_PYTHON) on the first build; /opt/python is made in any
+# case because the runtime stage copies it (empty when the system Python is used).
 COPY pyproject.toml uv.lock ./
-# `uv sync` downloads the interpreter (UV_PYTHON) on the first build.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-project
+    mkdir -p /opt/python && uv sync --frozen --no-dev --no-install-project
 
-# Then the project itself, installed as a regular (non-editable) package so the runtime stage
-# needs only the venv, not the source tree. README.md is read by the build backend.
+# ---------------------------------------------------------------------------------------------
+# The project itself as a wheel, in a stage of its own: the venv above stays as it is, so the
+# runtime stage's copy of it (several GB) is reused from the cache after a source edit, and only
+# the small wheel is installed again. README.md is read by the build backend.
+FROM builder AS project
 COPY README.md ./
 COPY src ./src
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
+    uv build --wheel --out-dir /dist
 
 # ---------------------------------------------------------------------------------------------
 # Runtime stage: no uv, no source, no build tools.
@@ -83,6 +90,13 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
 # Root-owned interpreter and venv: the service can read but not modify its own code.
 COPY --from=builder /opt/python /opt/python
 COPY --from=builder /app/.venv /app/.venv
+# The project's wheel, with uv mounted for this step only (no uv in the image); no index: the
+# dependencies are all in the venv already. The wheel is COPYed, not bind-mounted: buildah's layer
+# cache does not see a changed bind-mounted file and would keep the old code (podman 4.3).
+COPY --from=project /dist /tmp/dist
+RUN --mount=type=bind,from=uv,source=/uv,target=/usr/local/bin/uv \
+    uv pip install --python /app/.venv/bin/python --no-deps --no-index --no-cache --compile-bytecode /tmp/dist/*.whl \
+ && rm -rf /tmp/dist
 
 # The TTS_* variables are Settings fields (src/offline_tts/config.py); a test checks that.
 # /models and /cache are meant to be volumes (the model download and the latents survive

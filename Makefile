@@ -26,6 +26,11 @@ browser-deps:  ## Debian's Chromium for the browser tests (Playwright drives it;
 	  echo "Installing chromium (apt-get)..."; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
 
+test-deps:  ## capsh (libcap2-bin): the permission tests run the server as root without its DAC capabilities
+	@command -v capsh >/dev/null || [ -x /usr/sbin/capsh ] || { \
+	  echo "Installing libcap2-bin (apt-get)..."; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends libcap2-bin >/dev/null; }
+
 setup: system-deps $(UV)  ## install everything needed to run the service
 	$(UV) sync --frozen
 	@mkdir -p voices
@@ -33,7 +38,7 @@ setup: system-deps $(UV)  ## install everything needed to run the service
 run: setup  ## set up, then start the service (settings: TTS_* variables or .env)
 	$(VENV)/bin/offline-tts serve
 
-test: setup browser-deps  ## set up, then run the whole test suite
+test: setup browser-deps test-deps  ## set up, then run the whole test suite
 	$(VENV)/bin/python -m pytest
 
 bench: setup  ## benchmark on the full-size random-weight model (about 10 min; --quick: BENCH_ARGS=--quick)
@@ -53,4 +58,12 @@ cluster-test: setup cluster-deps  ## 3 replicas on one shared folder behind HAPr
 random-model: setup  ## write a tiny random-weight checkpoint to models/random-tiny (for trying the service offline)
 	$(VENV)/bin/offline-tts random-model models/random-tiny --size tiny
 
-.PHONY: help system-deps browser-deps setup run test bench load cluster-deps cluster-test random-model
+image-test: setup  ## build the Dockerfile and run the compose file's tts-cpu service with podman (slow: not in `make test`)
+	bash scripts/image-test.sh
+
+image-test-clean:  ## remove image-test's podman storage (stand-in base images, build cache) from .cache/image-test
+	@if [ -d .cache/image-test/storage ]; then \
+	  CONTAINERS_CONF=.cache/image-test/containers.conf CONTAINERS_STORAGE_CONF=.cache/image-test/storage.conf podman system reset -f >/dev/null 2>&1; \
+	  rm -rf .cache/image-test; fi
+
+.PHONY: help system-deps browser-deps test-deps setup run test bench load cluster-deps cluster-test random-model image-test image-test-clean

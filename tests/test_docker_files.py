@@ -486,16 +486,32 @@ def test_dependencies_come_from_the_lock_file_before_the_source() -> None:
     stage, first = syncs[0]
     assert "--no-install-project" in first.value, "the first uv sync should install only the locked dependencies"
 
-    def copy_line(source: str) -> int:
-        for instruction in stage.all("COPY"):
-            flags, sources = _copy_sources(instruction.value)
-            if source in sources and not any(f.startswith("--from=") for f in flags):
-                return stage.index(instruction)
-        raise AssertionError(f"{source} is not copied in the stage that runs uv sync")
+    # That stage, then the stages built FROM it: their instructions come after its own.
+    chain = [stage, *[s for s in df.stages if stage.name and s.image == stage.name]]
+    order = [(s, i) for s in chain for i in s.instructions]
 
-    deps = stage.index(first)
+    def copy_line(source: str) -> int:
+        for n, (_, instruction) in enumerate(order):
+            flags, sources = _copy_sources(instruction.value) if instruction.name == "COPY" else ([], [])
+            if source in sources and not any(f.startswith("--from=") for f in flags):
+                return n
+        raise AssertionError(f"{source} is not copied in the stage that runs uv sync (or one built on it)")
+
+    deps = order.index((stage, first))
     assert copy_line("pyproject.toml") < deps and copy_line("uv.lock") < deps
     assert copy_line("src") > deps, "src/ must be copied after the dependency layer, or every edit reinstalls torch"
+
+
+def test_a_source_edit_does_not_change_the_runtime_venv_layer() -> None:
+    """The runtime stage copies the venv from a stage that never sees src/, so after an edit the copy
+    (several GB) comes from the build cache and only the project's wheel is installed again."""
+    df = _dockerfile()
+    venv_copies = [i for i in df.final.all("COPY") if "/app/.venv" in i.value and "--from=" in i.value]
+    assert venv_copies, "the runtime stage does not copy the venv"
+    source_stage = re.search(r"--from=(\S+)", venv_copies[0].value)[1]
+    stage = next(s for s in df.stages if s.name == source_stage)
+    for instruction in stage.all("COPY") + stage.all("ADD"):
+        assert "src" not in _copy_sources(instruction.value)[1], f"{source_stage} copies src/: its venv changes with every edit"
 
 
 def test_python_version_satisfies_requires_python() -> None:

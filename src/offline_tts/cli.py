@@ -50,11 +50,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     setup_logging(settings.log_level, settings.log_json)
+    from .engine.download import ModelUnavailableError, check_model_dir_readable
     from .engine.random_model import missing_model_files
 
+    try:  # a folder of another user: a clear error naming it, not a PermissionError traceback
+        check_model_dir_readable(settings.model_dir)
+    except ModelUnavailableError as exc:
+        log.error("%s", exc)
+        return 2
     missing = missing_model_files(settings.model_dir)
     if missing and not (settings.license_accepted and settings.download):
-        from .engine.download import ModelUnavailableError, ensure_model
+        from .engine.download import ensure_model
 
         try:  # raises with the full explanation (directory, files expected, how to fix)
             ensure_model(settings.model_dir, accept_license=settings.license_accepted, base_url=settings.model_url,

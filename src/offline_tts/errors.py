@@ -104,6 +104,14 @@ class Unauthorized(TTSError):
     error_type = "authentication_error"
 
 
+class VoicesNotWritable(TTSError):
+    """The voices directory cannot be written by the service's user: uploads and deletes are off."""
+
+    status_code = 503
+    code = "voices_not_writable"
+    error_type = "server_error"
+
+
 class InsufficientStorage(TTSError):
     status_code = 507
     code = "insufficient_storage"

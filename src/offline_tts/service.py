@@ -24,6 +24,7 @@ import numpy as np
 from . import language as languages
 from . import telemetry
 from . import text as text_utils
+from .access import ownership_fix, service_user, write_problem
 from .config import Settings
 from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
@@ -94,6 +95,12 @@ class TTSService:
         self.voices = VoiceStore(settings.voices_dir)
         self.cache = VoiceCache(settings.cache_dir, settings.voice_cache_size, settings.min_clip_seconds,
                                 settings.max_clip_seconds, live_voices=self.voices.list)
+        if problem := write_problem(settings.cache_dir):
+            log.warning(
+                "The cache directory %s is not writable by the service, which runs as %s: %s. The service works, "
+                "only slower: voices are conditioned again after each restart and the defaults set with "
+                "POST /api/config last until then. %s", settings.cache_dir.absolute(), service_user(), problem,
+                ownership_fix(settings.cache_dir.absolute(), write=True))
         self.defaults = DefaultsStore(settings.defaults_file, settings.language)
         self.pool: EnginePool[SpeechEngine] | None = None
         self.state = "starting"  # starting -> loading -> ready | failed

@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import audio
-from .errors import InsufficientStorage, InvalidAudio, InvalidVoiceName, UnsupportedLanguage, VoiceExists, VoiceNotFound
+from .access import is_access_error, ownership_fix, service_user, write_problem
+from .errors import (
+    InsufficientStorage,
+    InvalidAudio,
+    InvalidVoiceName,
+    UnsupportedLanguage,
+    VoiceExists,
+    VoiceNotFound,
+    VoicesNotWritable,
+)
 from .fileio import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,25 @@ def disk_full_refused(what: str = "the upload") -> Iterator[None]:
             param="files") from None
 
 
+@contextlib.contextmanager
+def not_writable_refused() -> Iterator[None]:
+    """A voices directory the service's user cannot write (a root-owned bind mount, a read-only volume):
+    a clear 503 saying so, instead of a PermissionError's 500. Checked on every write, so fixing the
+    folder's owner takes effect without a restart."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_access_error(exc):
+            raise
+        log.warning("Refused a change to the voices: the voices directory is not writable (%s)", exc.strerror)
+        raise VoicesNotWritable(
+            "The server cannot write to its voices directory, so voices cannot be uploaded or deleted; "
+            "the voices already there can be used.",
+            f"The operator must make the voices folder writable by the service's user ({service_user()}): "
+            "with Docker, `mkdir voices` before the first start (a missing one is created as root), or set "
+            "APP_UID to the folder owner's uid and rebuild. The server log says more.") from None
+
+
 @dataclass(frozen=True)
 class Voice:
     name: str
@@ -69,8 +97,12 @@ class Voice:
 class VoiceStore:
     def __init__(self, root: Path):
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
         self._thread_lock = threading.Lock()
+        if problem := write_problem(root):  # creates it when missing
+            log.warning(
+                "The voices directory %s is not writable by the service, which runs as %s: %s. Uploads and "
+                "deletes through the API are disabled (503 voices_not_writable) until it is; the clips in it "
+                "can still be used. %s", root.absolute(), service_user(), problem, ownership_fix(root.absolute(), write=True))
         self._remove_leftovers()
 
     @contextlib.contextmanager
@@ -109,10 +141,16 @@ class VoiceStore:
             if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file() and self._inside(p)
         )
 
+    def _entries(self) -> list[Path]:
+        try:
+            return sorted(self.root.iterdir())
+        except FileNotFoundError:  # could not be created (see __init__): no voices
+            return []
+
     def list(self, stem: str | None = None) -> list[Voice]:
         """Every voice, sorted by file name (with `stem`: only the voices of that name, in one directory scan)."""
         voices: list[Voice] = []
-        for entry in sorted(self.root.iterdir()):
+        for entry in self._entries():
             if stem is not None and entry.name != stem and entry.stem != stem:
                 continue  # before any other system call: resolving a name scans the directory once
             if entry.name.startswith(".") or not self._inside(entry):
@@ -217,7 +255,7 @@ class VoiceStore:
 
     def save_language(self, name: str, language: str) -> None:
         """Write the voice's settings file (atomically: readers see the old one or the new one)."""
-        with atomic_write(self.settings_file(self.check_upload_name(name)), "w", encoding="utf-8") as f:
+        with not_writable_refused(), atomic_write(self.settings_file(self.check_upload_name(name)), "w", encoding="utf-8") as f:
             json.dump({"language": language}, f)
 
     # -- saving and deleting ----------------------------------------------------------------------
@@ -226,7 +264,7 @@ class VoiceStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A hidden scratch folder for one upload, removed with whatever is left in it."""
-        with disk_full_refused():
+        with disk_full_refused(), not_writable_refused():
             path = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
         try:
             yield path
@@ -236,7 +274,7 @@ class VoiceStore:
     def entries(self, name: str) -> list[Path]:
         """What holds voice `name` in the directory: its folder and/or clip files named `name.<ext>`."""
         found = []
-        for entry in sorted(self.root.iterdir()):
+        for entry in self._entries():
             if entry.name.startswith("."):
                 continue
             if entry.name == name and entry.is_dir() and not entry.is_symlink():
@@ -287,7 +325,7 @@ class VoiceStore:
         name = self.check_upload_name(name)
         if not clips:
             raise ValueError("a voice needs at least one clip")
-        with self._write_lock(), disk_full_refused():
+        with self._write_lock(), disk_full_refused(), not_writable_refused():
             self.check_new(name, replace)
             old = self.entries(name)
             trash = staging / ".replaced"
@@ -313,7 +351,7 @@ class VoiceStore:
 
     def delete(self, name: str) -> Voice:
         """Remove a voice (its clip, or its folder of clips); returns what was removed."""
-        with self._write_lock():
+        with self._write_lock(), not_writable_refused():
             voice = self.resolve(name)
             direct = self.root / self.check_name(name)
             entry = direct if (direct.exists() or direct.is_symlink()) else self.entries(voice.name)[0]

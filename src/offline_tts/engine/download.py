@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 from filelock import FileLock, Timeout
 
+from offline_tts.access import is_access_error, ownership_fix, service_user
 from offline_tts.engine.random_model import REQUIRED_FILES, missing_model_files
 
 logger = logging.getLogger("offline_tts.download")
@@ -85,6 +86,7 @@ def ensure_model(
     LicenseNotAcceptedError / ModelIntegrityError) with an actionable message otherwise.
     """
     model_dir = Path(model_dir).expanduser().absolute()
+    check_model_dir_readable(model_dir)
     missing = missing_model_files(model_dir)
     if not missing:
         return model_dir
@@ -104,7 +106,15 @@ def ensure_model(
         )
 
     manifest = {f.name: f for f in files}
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if not is_access_error(exc):
+            raise
+        raise ModelUnavailableError(
+            f"The model directory {model_dir} cannot be created by the service, which runs as {service_user()} "
+            f"({exc.strerror}), so the model cannot be downloaded into it. {ownership_fix(model_dir, write=True)}"
+        ) from None
     try:
         # Another process may be downloading the same files: wait for it, then re-check.
         with FileLock(str(model_dir / ".download.lock"), timeout=6 * 3600):
@@ -122,6 +132,27 @@ def ensure_model(
         raise ModelUnavailableError(f"Timed out waiting for another download into {model_dir} ({exc}).") from exc
     logger.info("XTTS-v2 model files ready in %s", model_dir)
     return model_dir
+
+
+def check_model_dir_readable(model_dir: Path) -> None:
+    """ModelUnavailableError, naming the directory, the service's user and the fix, when the model files
+    (or the directory holding them) exist but cannot be read: e.g. a folder made by `offline-tts
+    random-model` as another user, or a host folder owned by another uid mounted into a container."""
+    model_dir = Path(model_dir).expanduser().absolute()
+    try:
+        for name in REQUIRED_FILES:
+            path = model_dir / name
+            if path.is_file():  # stat: needs search permission on every folder above
+                with path.open("rb"):
+                    pass
+    except OSError as exc:
+        if not is_access_error(exc):
+            raise
+        raise ModelUnavailableError(
+            f"The model directory {model_dir} cannot be read by the service, which runs as {service_user()}: "
+            f"{exc.strerror} ({Path(exc.filename).name if exc.filename else model_dir}). "
+            f"{ownership_fix(model_dir, write=False)}"
+        ) from None
 
 
 def _offline_help(model_dir: Path) -> str:

@@ -291,6 +291,11 @@ def _speakers(model: Any, torch: Any) -> dict[str, dict[str, Any]]:
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    # mkdtemp made it 0700: give it the usual mode (umask), so a container's user can read a
+    # model folder built on the host by another user.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if not out_dir.exists():
         os.replace(tmp, out_dir)  # one atomic rename
         return
