@@ -9,7 +9,8 @@ only from its input embeddings (`gpt.wpe` is a null embedding; coqui adds the me
 each audio token itself). So each slot can sit at its own length: it writes its new key/value at its own
 index of a static per-slot KV cache and attends over its own valid prefix through a mask.
 
-The cache is allocated once: [layers] x [max_batch, heads, max_len, head_dim] for keys and for values.
+The cache is one block, [layers, k/v, max_batch, heads, max_len, head_dim], allocated once per busy
+period and freed when the replica goes idle (`trim`); on the CPU only the pages a step touches are mapped.
 A decode step runs the rows 0..n-1 (n = the highest busy slot + 1; slots are handed out lowest first)
 over the first L cache positions (the longest busy slot, rounded up to `length_bucket`), so its shapes
 come from a small fixed set: on CUDA each (n, L) bucket can later be captured as a CUDA graph.
@@ -139,10 +140,11 @@ class BatchedGpt:
         # fp16 on CUDA as the engine runs today (autocast), fp32 elsewhere.
         self._autocast = (torch.autocast("cuda", dtype=torch.float16) if half and self.device.type == "cuda"
                           else None)
-        cache_dtype = torch.float16 if self._autocast else torch.float32
-        shape = (max_batch, self._heads, self.max_len, self._head_dim)
-        self._keys = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in self._blocks]
-        self._values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in self._blocks]
+        self._cache_dtype = torch.float16 if self._autocast else torch.float32
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._zeroed = [0] * max_batch  # cache positions of each row made finite (see `_allocate`)
+        self._allocate()
         # Per-slot decode state, on the device so the step reads it without host round trips.
         b = max_batch
         self._lengths = torch.zeros(b, dtype=torch.long, device=self.device)  # cache positions filled
@@ -157,6 +159,42 @@ class BatchedGpt:
         self._positions = torch.arange(self.max_len, device=self.device)
         self._rows = torch.arange(b, device=self.device)
         self._slots: list[_Slot | None] = [None] * b
+
+    def _allocate(self) -> None:
+        """One block for the whole cache, [layers, k/v, max_batch, heads, max_len, head_dim], left
+        uninitialised: the OS maps its pages only when first written, so memory follows the slots and
+        lengths actually used (a full-size fp32 slot is ~255 MB: all of it for 8 slots doubled the
+        server's RSS). Positions a step reads before any sequence wrote them are zeroed first
+        (`_readable`): garbage could hold NaN, and a masked NaN still poisons the attention."""
+        if self._keys:
+            return
+        cache = torch.empty((len(self._blocks), 2, self.max_batch, self._heads, self.max_len, self._head_dim),
+                            dtype=self._cache_dtype, device=self.device)
+        self._keys = [layer[0] for layer in cache]
+        self._values = [layer[1] for layer in cache]
+        self._zeroed = [0] * self.max_batch
+        if self.device.type != "cpu":  # device memory is not mapped lazily: zero it all at once
+            cache.zero_()
+            self._zeroed = [self.max_len] * self.max_batch
+
+    def trim(self) -> bool:
+        """Free the KV cache while no slot is busy (the scheduler calls this when idle); the next `admit`
+        allocates it again. Returns whether it was freed."""
+        if any(s is not None for s in self._slots) or not self._keys:
+            return False
+        self._keys, self._values = [], []
+        return True
+
+    def _readable(self, n: int, span: int) -> None:
+        """Make positions [0, span) of rows 0..n-1 finite before a step attends over them (what a row's
+        sequence has written so far is kept: a joining one may be mid-prefill)."""
+        for row, state in enumerate(self._slots[:n]):
+            if self._zeroed[row] < span:
+                held = 0 if state is None else state.prefilled + state.generated
+                if max(held, self._zeroed[row]) < span:
+                    for cache in (*self._keys, *self._values):
+                        cache[row, :, max(held, self._zeroed[row]):span].zero_()
+                self._zeroed[row] = span
 
     @classmethod
     def for_engine(cls, engine, max_batch: int, **kwargs) -> BatchedGpt:
@@ -193,6 +231,7 @@ class BatchedGpt:
             raise ValueError(f"prefix of {prefix.shape[1]} tokens + {cap} audio tokens exceed the slot length {self.max_len}")
         if None not in self._slots:
             raise NoFreeSlot(f"all {self.max_batch} slots are busy")
+        self._allocate()
         slot = self._slots.index(None)
         self._slots[slot] = _Slot(prefix=prefix[0].to(self.device), prefilled=0, cap=cap, generator=generator)
         self._lengths[slot] = 0
@@ -263,6 +302,7 @@ class BatchedGpt:
         write_at = self._lengths[:n]
         longest = max(self._slots[row].prefilled + self._slots[row].generated for row in rows) + 1
         span = min(self.max_len, -(-longest // self._bucket) * self._bucket)
+        self._readable(n, span)
         with self._autocast or contextlib.nullcontext():
             latents = self._decode_forward(n, write_at, span)
             logits = self._gpt.mel_head(latents)

@@ -23,6 +23,7 @@ parallel (a GPU with another CUDA stream): left for the GPU work of issue 10.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from collections import deque
@@ -39,6 +40,10 @@ from .batching import BatchedGpt, Sampling, default_max_len
 from .streaming import ChunkDecoder
 
 log = logging.getLogger(__name__)
+
+# Seconds a replica stays idle before it frees its KV cache and returns freed heap memory to the OS
+# (short enough that RSS falls back between bursts; long enough not to churn between two sentences).
+IDLE_TRIM_SECONDS = 1.0
 
 DONE = object()  # the last item delivered for a sentence that ended normally (or was cancelled)
 
@@ -68,6 +73,22 @@ def slot_length(engine) -> int:
     gpt = engine.model.gpt
     tokens = int(gpt.max_gen_mel_tokens)
     return default_max_len(gpt) - tokens + min(tokens, engine.max_audio_tokens or tokens)
+
+
+def release_free_memory() -> None:
+    """glibc keeps freed memory in its arenas (one per thread that allocated: the replica, torch's
+    workers, the event loop); malloc_trim hands the free pages of all of them back to the OS."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _Sequence:
@@ -154,17 +175,28 @@ class Scheduler:
         return len(self._active) + len(self._queue) + len(self._calls) + self._calling
 
     # -- the replica's thread ---------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not (self._closed or self._queue or self._calls or self._active)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        trimmed = True
         while True:
             with self._wake:
-                while not (self._closed or self._queue or self._calls or self._active):
-                    self._wake.wait()
+                timed_out = False
+                while self._idle() and not timed_out:
+                    timed_out = not self._wake.wait(None if trimmed else IDLE_TRIM_SECONDS)
                 if self._closed:
                     break
-                calls = list(self._calls)
+                idle = self._idle()
+                calls = [] if idle else list(self._calls)
                 self._calls.clear()
                 self._calling = bool(calls)
+            if idle:  # nothing to do for IDLE_TRIM_SECONDS: give the busy period's memory back
+                self._trim()
+                trimmed = True
+                continue
+            trimmed = False
             for fn, future in calls:
                 self._call(fn, future)
             self._calling = False
@@ -175,6 +207,10 @@ class Scheduler:
                 log.exception("Scheduler turn failed")
                 self._fail_all(RuntimeError("the scheduler failed"))
         self._fail_all(RuntimeError("the model replica was closed"))
+
+    def _trim(self) -> None:
+        self.gpt.trim()
+        release_free_memory()
 
     def _call(self, fn: Callable[[Any], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
