@@ -215,6 +215,7 @@ def concurrency(server: Server, voice: str, clients: int, requests_each: int, to
             "error_samples": sorted({f"{r.status} {r.error}" for r in results if not r.ok})[:3],
             "ttfa_p50_s": round(pct(ttfas, 50), 3) if ttfas else None,
             "ttfa_p95_s": round(pct(ttfas, 95), 3) if ttfas else None,
+            "stream_rtf_p50": round(pct([r.total_s / r.audio_s for r in ok if r.audio_s], 50), 3) if ok else None,
             "wall_s": round(wall, 2), "audio_s": round(audio, 2),
             "throughput_audio_s_per_s": round(audio / wall, 3)}
 

@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         record("after load")
         for clients in map(int, args.clients.split(",")):
             c = h.concurrency(server, voices.speaker, clients, 1, args.tokens)
-            log.info("%d clients: %.3f audio s/s, TTFA p50 %.2f s, errors %d", clients, c["throughput_audio_s_per_s"],
-                     c["ttfa_p50_s"] or -1, c["errors"])
+            log.info("%d clients: %.3f audio s/s, TTFA p50 %.2f s p95 %.2f s, stream RTF p50 %.2f, errors %d", clients,
+                     c["throughput_audio_s_per_s"], c["ttfa_p50_s"] or -1, c["ttfa_p95_s"] or -1, c["stream_rtf_p50"] or -1,
+                     c["errors"])
+            trace.append(c)
             record(f"after {clients} clients")
         h.top_up(server, voices.speaker, args.requests)
         record(f"after {args.requests} requests")

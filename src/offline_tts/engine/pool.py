@@ -53,13 +53,14 @@ class Place:
 
 
 class EnginePool(Generic[E]):
-    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1):
+    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1, *, cuda_graphs: bool = False):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = engines
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self.schedulers = [Scheduler(engine, max_batch, name=f"replica-{i}") for i, engine in enumerate(engines)]
+        self.schedulers = [Scheduler(engine, max_batch, name=f"replica-{i}", cuda_graphs=cuda_graphs)
+                           for i, engine in enumerate(engines)]
         self.admitted = 0  # requests in the house (running or waiting)
 
     @property

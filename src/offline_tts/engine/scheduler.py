@@ -119,11 +119,12 @@ class _Sequence:
 class Scheduler:
     """Owns one engine replica and runs all its sentences, batched, in one thread."""
 
-    def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica"):
+    def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica",
+                 cuda_graphs: bool = False):
         self.engine = engine
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine))
+        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine), cuda_graphs=cuda_graphs)
         self.sampling = Sampling.of_engine(engine)
         self._queue: deque[SentenceJob] = deque()
         self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
