@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%d clients: %.3f audio s/s, TTFA p50 %.2f s p95 %.2f s, stream RTF p50 %.2f, errors %d", clients,
                      c["throughput_audio_s_per_s"], c["ttfa_p50_s"] or -1, c["ttfa_p95_s"] or -1, c["stream_rtf_p50"] or -1,
                      c["errors"])
+            log.info("  replica thread: %s", c["replica"])
             trace.append(c)
             record(f"after {clients} clients")
         h.top_up(server, voices.speaker, args.requests)

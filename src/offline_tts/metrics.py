@@ -101,6 +101,14 @@ class _ServiceCollector(Collector):
         yield CounterMetricFamily("tts_batch_steps", "Batched GPT decode steps run", value=steps)
         yield CounterMetricFamily("tts_batch_rows", "Sentences decoded in those steps (rows / steps: the mean batch size)",
                                   value=rows)
+        spent = pool.thread_seconds if pool else {"step": 0, "vocoder": 0, "join_stall": 0, "join_stall_max": 0}
+        yield CounterMetricFamily("tts_batch_step_seconds", "Time in batched GPT decode steps", value=spent["step"])
+        yield CounterMetricFamily("tts_batch_vocoder_seconds", "Time in HiFi-GAN on the replica threads (between steps)",
+                                  value=spent["vocoder"])
+        yield CounterMetricFamily("tts_batch_join_stall_seconds",
+                                  "Time running streams waited for joining sentences' prefill", value=spent["join_stall"])
+        yield GaugeMetricFamily("tts_batch_join_stall_max_seconds", "Longest single join stall so far",
+                                value=spent["join_stall_max"])
         yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=pool.waiting if pool else 0)
         yield GaugeMetricFamily("tts_requests_in_progress",
                                 "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",

@@ -87,6 +87,14 @@ class EnginePool(Generic[E]):
         return sum(s.steps for s in self.schedulers), sum(s.rows for s in self.schedulers)
 
     @property
+    def thread_seconds(self) -> dict[str, float]:
+        """Where the replicas' threads spent their time (seconds, all replicas), and the longest join stall."""
+        return {"step": sum(s.step_seconds for s in self.schedulers),
+                "vocoder": sum(s.vocoder_seconds for s in self.schedulers),
+                "join_stall": sum(s.stall_seconds for s in self.schedulers),
+                "join_stall_max": max(s.stall_max for s in self.schedulers)}
+
+    @property
     def waiting(self) -> int:
         """Sentences waiting for a slot."""
         return sum(s.queued for s in self.schedulers)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -134,6 +135,10 @@ class Scheduler:
         self._calling = False
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sentences decoded in them, all steps together (rows / steps: the mean batch)
+        # Where the thread's time goes (seconds, summed): batched GPT steps, HiFi-GAN (chunks of all
+        # sequences), and prefills run while other sequences were decoding (the join stall: the running
+        # streams wait that long for their next step); `stall_max`: the longest such stall.
+        self.step_seconds = self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0
         self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
         self._thread.start()
 
@@ -227,27 +232,40 @@ class Scheduler:
         if self.gpt.prefill_pending:
             budget = self.prefill_tokens if self.gpt.decoding else self.gpt.prefill_pending
             joining = [slot for slot in self._active if slot not in self.gpt.decoding]
+            started = time.perf_counter()
             try:
                 self.gpt.prefill_some(budget)
             except Exception as exc:
                 self._fail(joining, exc)
+            if len(joining) < len(self._active):  # others were decoding: they waited for this
+                stall = time.perf_counter() - started
+                self.stall_seconds += stall
+                self.stall_max = max(self.stall_max, stall)
         if self.gpt.decoding:
             rows = self.gpt.decoding
+            started = time.perf_counter()
             try:
                 emitted = self._step()
             except Exception as exc:
                 self._fail(rows, exc)
                 return
+            stepped = time.perf_counter()
+            self.step_seconds += stepped - started
             self.steps += 1
             self.rows += len(rows)
-            for slot, out in emitted.items():
-                try:
-                    self._active[slot].take(out.latent)
-                    if out.finished:
-                        self._active[slot].finish()
-                        del self._active[slot]
-                except Exception as exc:  # this sentence's decoding: it alone fails
-                    self._fail([slot], exc)
+            self._deliver(emitted)
+            self.vocoder_seconds += time.perf_counter() - stepped
+
+    def _deliver(self, emitted) -> None:
+        """Each latent to its sequence's decoder (HiFi-GAN runs here when a chunk is due)."""
+        for slot, out in emitted.items():
+            try:
+                self._active[slot].take(out.latent)
+                if out.finished:
+                    self._active[slot].finish()
+                    del self._active[slot]
+            except Exception as exc:  # this sentence's decoding: it alone fails
+                self._fail([slot], exc)
 
     def _step(self):
         """One batched decode step (a seam for fault-injection tests)."""
