@@ -50,14 +50,17 @@ class Plan:
     cpu_no_grad: bool  # also time torch.no_grad against torch.inference_mode
     restart: bool  # restart the server for the voice cache's "first use after a restart"
     sweep: bool
+    concurrency_before: bool  # also run the concurrency rows on a server with one slot (TTS_MAX_BATCH=1: no batching)
 
 
 FULL = Plan(short_tokens=216, long_tokens=600, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=3,
-            ttfa_sentences=10, concurrency_clients=(1, 2, 4), concurrency_requests=1, concurrency_tokens=42,
-            memory_requests=100, cpu_tokens=24, cpu_rounds=2, cpu_no_grad=True, restart=True, sweep=True)
+            ttfa_sentences=10, concurrency_clients=(1, 2, 4, 8), concurrency_requests=1, concurrency_tokens=42,
+            memory_requests=100, cpu_tokens=24, cpu_rounds=2, cpu_no_grad=True, restart=True, sweep=True,
+            concurrency_before=True)
 QUICK = Plan(short_tokens=108, long_tokens=None, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=2,
              ttfa_sentences=10, concurrency_clients=(1, 4), concurrency_requests=1, concurrency_tokens=42,
-             memory_requests=20, cpu_tokens=8, cpu_rounds=1, cpu_no_grad=False, restart=False, sweep=False)
+             memory_requests=20, cpu_tokens=8, cpu_rounds=1, cpu_no_grad=False, restart=False, sweep=False,
+             concurrency_before=False)
 MAX_TOKENS = 600  # per sentence on the server: the text's length sets each request's token count below it
 
 
@@ -154,6 +157,15 @@ def run_http(settings, voices, workdir: Path, plan: Plan) -> dict:
             cache["after_restart_ms"] = h.set_default_voice(server, voices.mp3)
             cache["repeat_after_restart_ms"] = h.set_default_voice(server, voices.mp3)
             out["memory"]["rss_after_restart_mb"] = server.rss_mb()
+            server.stop()
+        if plan.concurrency_before:
+            log.info("[http] before: the same clients on one slot (TTS_MAX_BATCH=1, no batching)...")
+            server = h.Server(workdir, {**env, "TTS_MAX_BATCH": "1", "TTS_MAX_QUEUE": "16"})
+            server.start()
+            with server.client() as client:
+                h.stream(server, client, "Hola.", voices.speaker, first_audio_only=True)
+            out["concurrency_before"] = [h.concurrency(server, voices.speaker, clients, plan.concurrency_requests,
+                                                       plan.concurrency_tokens) for clients in plan.concurrency_clients]
     finally:
         server.stop()
     return out
@@ -262,16 +274,43 @@ def build_table(results: dict, plan: Plan) -> str:
     ]))
 
     conc = {c["clients"]: c for c in http.get("concurrency", [])}
+    before_conc = {c["clients"]: c for c in http.get("concurrency_before", [])}
+
+    def summary(c: dict | None) -> str:
+        if not c:
+            return "-"
+        return (f"{fmt(c['throughput_audio_s_per_s'], ' audio s/s', 3)}, TTFA {fmt(c['ttfa_p50_s'])} / "
+                f"{fmt(c['ttfa_p95_s'], ' s')}, RTF {fmt(c.get('stream_rtf_p50'))}, {c['errors']} err")
+
+    def split(c: dict) -> str:
+        r = c.get("replica") or {}
+        steps = r.get("steps") or 0
+        return (f"{steps:.0f} steps x {fmt(r['rows'] / steps if steps else None, '', 1)} rows, GPT {fmt(r.get('gpt_step_s'), ' s', 1)}, "
+                f"HiFi-GAN {fmt(r.get('vocoder_s'), ' s', 1)}, join stall {fmt(r.get('join_stall_s'), ' s', 2)} "
+                f"(max {fmt(r.get('join_stall_max_s'), ' s', 3)})")
+
     rows = []
     for n, c in conc.items():
-        rows.append(Row(f"{n} client(s): TTFA p50 / p95, throughput, errors",
-                        after=f"{fmt(c['ttfa_p50_s'], ' s')} / {fmt(c['ttfa_p95_s'], ' s')}, "
-                              f"{fmt(c['throughput_audio_s_per_s'], ' audio s/s', 3)}, {c['errors']}"))
-    if 1 in conc and 4 in conc:
-        r4 = ratio(conc[4]["throughput_audio_s_per_s"], conc[1]["throughput_audio_s_per_s"])
-        rows.append(Row("4 clients: throughput / 1 client's", after=fmt(r4, "", 3), goal=">= 0.90, 0 errors",
-                        verdict=verdict(r4 is not None and r4 >= 0.90 and conc[4]["errors"] == 0)))
-    sections.append((f"goal 4: concurrency (1 worker, {plan.concurrency_tokens} tokens per request)", rows))
+        rows.append(Row(f"{n} client(s): throughput, TTFA p50 / p95, stream RTF p50, errors",
+                        before=summary(before_conc.get(n)), after=summary(c)))
+        rows.append(Row("  replica thread (after)", after=split(c)))
+    if 1 in conc:
+        one = conc[1]["throughput_audio_s_per_s"]
+        for n, goal in ((4, 1.8), (8, 2.5)):
+            if n in conc:
+                r = ratio(conc[n]["throughput_audio_s_per_s"], one)
+                b = ratio(before_conc.get(n, {}).get("throughput_audio_s_per_s"),
+                          before_conc.get(1, {}).get("throughput_audio_s_per_s"))
+                rows.append(Row(f"{n} clients: throughput / 1 client's", before=fmt(b, "", 2), after=fmt(r, "", 2),
+                                goal=f">= {goal}, 0 errors",
+                                verdict=verdict(r is not None and r >= goal and conc[n]["errors"] == 0)))
+        if 4 in conc:
+            r = ratio(conc[4]["ttfa_p95_s"], conc[1]["ttfa_p50_s"])
+            b = ratio(before_conc.get(4, {}).get("ttfa_p95_s"), before_conc.get(1, {}).get("ttfa_p50_s"))
+            rows.append(Row("4 clients: TTFA p95 / 1 client's TTFA", before=fmt(b, "", 2), after=fmt(r, "", 2),
+                            goal="<= 2.5", verdict=verdict(r is not None and r <= 2.5)))
+    sections.append((f"goal 4: concurrency (1 worker, {plan.concurrency_tokens} tokens per request; "
+                     "before = the same server with TTS_MAX_BATCH=1)", rows))
 
     cpu = engine.get("cpu_modes")
     if cpu:
@@ -290,10 +329,13 @@ def build_table(results: dict, plan: Plan) -> str:
                                          goal="measured on a GPU", verdict="" if device == "cuda" else "open")]))
 
     mem = http.get("memory", {})
+    growth = ratio(mem.get("rss_after_requests_mb"), mem.get("rss_after_load_mb"))
     sections.append(("memory (server RSS)", [
         Row("after load", after=fmt(mem.get("rss_after_load_mb"), " MB", 0)),
-        Row(f"after {mem.get('requests', '?')} requests", after=fmt(mem.get("rss_after_requests_mb"), " MB", 0),
-            goal="" if mem.get("requests", 0) >= 100 else "(fewer than 100: --quick)"),
+        Row(f"after {mem.get('requests', '?')} requests / after load (warm-up)",
+            after=f"{fmt(mem.get('rss_after_requests_mb'), ' MB', 0)} ({fmt(growth, 'x', 2)})",
+            goal="<= 1.15x" + ("" if mem.get("requests", 0) >= 100 else " (fewer than 100: --quick)"),
+            verdict=verdict(growth <= 1.15) if growth else ""),
         Row("trace (requests: MB)", after=", ".join(f"{n}: {mb:.0f}" for n, mb in mem.get("rss_trace", []))),
         Row("after a restart", after=fmt(mem.get("rss_after_restart_mb"), " MB", 0)),
     ]))

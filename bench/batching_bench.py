@@ -20,6 +20,7 @@ import torch
 from offline_tts.engine.batching import BatchedGpt, Sampling, sentence_prefix
 from offline_tts.engine.xtts import XttsEngine
 
+CUDA_GRAPHS = False  # --cuda-graphs
 TEXT = "This is a sentence of ordinary length, used to measure the cost of one decoding step of the model."
 
 
@@ -45,7 +46,7 @@ def per_token_today(engine: XttsEngine, conditioning, tokens: int) -> float:
 
 def step_cost(engine: XttsEngine, conditioning, batch: int, steps: int) -> tuple[float, float]:
     """(median step seconds, prefill seconds of one sequence) at this batch size."""
-    batched = BatchedGpt.for_engine(engine, max_batch=batch)
+    batched = BatchedGpt.for_engine(engine, max_batch=batch, cuda_graphs=CUDA_GRAPHS)
     prefix = sentence_prefix(engine, TEXT, "en", conditioning)
     for _ in range(batch):
         batched.admit(prefix, Sampling(top_k=1), cap=steps + 5)
@@ -98,14 +99,18 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--check", type=int, default=0, help="also compare N tokens of 2 batched sentences with today's path")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the decode step from CUDA graphs (CUDA only)")
     args = parser.parse_args()
+    global CUDA_GRAPHS
+    CUDA_GRAPHS = args.cuda_graphs
     torch.set_num_threads(args.threads)
     engine = XttsEngine(args.model_dir, args.device, greedy=True)
     conditioning = voice(engine, 180)
     prefix_len = sentence_prefix(engine, TEXT, "en", conditioning).shape[1]
     step_cost(engine, conditioning, 1, 4)  # warm-up
     today = per_token_today(engine, conditioning, args.steps)
-    print(f"device {engine.device}, {torch.get_num_threads()} threads, prefix {prefix_len} tokens")
+    print(f"device {engine.device}, {torch.get_num_threads()} threads, prefix {prefix_len} tokens, "
+          f"CUDA graphs {'on' if CUDA_GRAPHS and engine.device == 'cuda' else 'off'}")
     print(f"today (_latents): {today * 1000:.1f} ms per token")
     if args.check:
         print(f"batched vs alone, {args.check} tokens, 2 voices: max abs latent diff {check(engine, args.check):.2e}")

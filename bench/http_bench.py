@@ -203,11 +203,14 @@ def concurrency(server: Server, voice: str, clients: int, requests_each: int, to
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
         t.start()
+    before = batch_metrics(server)
     start.wait()
     timer = Timer()
     for t in threads:
         t.join()
     wall = timer()
+    after = batch_metrics(server)
+    spent = {k: round(after[k] - before.get(k, 0), 2) if k != "join_stall_max_s" else after[k] for k in after}
     ok = [r for r in results if r.ok]
     ttfas = [r.ttfa_s for r in ok if r.ttfa_s is not None]
     audio = sum(r.audio_s for r in ok)
@@ -215,8 +218,28 @@ def concurrency(server: Server, voice: str, clients: int, requests_each: int, to
             "error_samples": sorted({f"{r.status} {r.error}" for r in results if not r.ok})[:3],
             "ttfa_p50_s": round(pct(ttfas, 50), 3) if ttfas else None,
             "ttfa_p95_s": round(pct(ttfas, 95), 3) if ttfas else None,
-            "wall_s": round(wall, 2), "audio_s": round(audio, 2),
+            "stream_rtf_p50": round(pct([r.total_s / r.audio_s for r in ok if r.audio_s], 50), 3) if ok else None,
+            "wall_s": round(wall, 2), "audio_s": round(audio, 2), "replica": spent,
             "throughput_audio_s_per_s": round(audio / wall, 3)}
+
+
+BATCH_METRICS = {"tts_batch_steps_total": "steps", "tts_batch_rows_total": "rows",
+                 "tts_batch_step_seconds_total": "gpt_step_s", "tts_batch_vocoder_seconds_total": "vocoder_s",
+                 "tts_batch_join_stall_seconds_total": "join_stall_s", "tts_batch_join_stall_max_seconds": "join_stall_max_s"}
+
+
+def batch_metrics(server: Server) -> dict[str, float]:
+    """The replica's counters from /metrics: steps, rows, and where its thread's time went."""
+    try:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in BATCH_METRICS:
+            out[BATCH_METRICS[name]] = float(value)
+    return out
 
 
 def set_default_voice(server: Server, voice: str) -> float:

@@ -161,6 +161,27 @@ def test_greedy_batch_equals_each_sentence_alone(engine, voices, references):
     assert [k.data_ptr() for k in batched._keys] == cache, "the KV cache must be allocated once"
 
 
+def test_unwritten_cache_is_never_read_and_an_idle_cache_is_freed(engine, voices, references):
+    """The cache is left uninitialised (memory is mapped as it is used): fill it with NaN, as recycled
+    memory may be, and the batch must still equal each sentence alone. Idle, `trim` frees it; the next
+    join allocates it again; while a slot is busy it stays."""
+    batched = BatchedGpt.for_engine(engine, max_batch=4)
+    for cache in (*batched._keys, *batched._values):
+        cache.fill_(float("nan"))
+    jobs = [Job(text, lang, voices[v], join_at=at) for (text, lang, v), at in zip(SENTENCES[:3], (0, 5, 9), strict=True)]
+    run(engine, batched, jobs)
+    for job, (tokens, latents) in zip(jobs, references, strict=False):
+        assert_matches(job, tokens, latents)
+    assert batched.trim() and batched._keys == []
+    text, lang, v = SENTENCES[3]
+    again = Job(text, lang, voices[v])
+    run(engine, batched, [again])
+    assert_matches(again, *references[3])
+    slot = batched.admit(sentence_prefix(engine, text, lang, voices[v]), Sampling(), 5)
+    assert not batched.trim() and batched._keys, "a busy slot's cache was freed"
+    batched.release(slot)
+
+
 def test_capped_and_cancelled_sequences_leave_without_disturbing_others(engine, voices, references):
     """One sequence is capped early, one cancelled; their slots are reused by late joiners."""
     jobs = [

@@ -45,6 +45,14 @@ class _ServiceCollector(Collector):
         yield CounterMetricFamily("tts_batch_steps", "Batched GPT decode steps run", value=f.batch_steps)
         yield CounterMetricFamily("tts_batch_rows", "Sentences decoded in those steps (rows / steps: the mean batch size)",
                                   value=f.batch_rows)
+        spent = f.thread_seconds
+        yield CounterMetricFamily("tts_batch_step_seconds", "Time in batched GPT decode steps", value=spent["step"])
+        yield CounterMetricFamily("tts_batch_vocoder_seconds", "Time in HiFi-GAN on the replica threads (between steps)",
+                                  value=spent["vocoder"])
+        yield CounterMetricFamily("tts_batch_join_stall_seconds",
+                                  "Time running streams waited for joining sentences' prefill", value=spent["join_stall"])
+        yield GaugeMetricFamily("tts_batch_join_stall_max_seconds", "Longest single join stall so far",
+                                value=spent["join_stall_max"])
         yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=f.queue_depth)
         yield GaugeMetricFamily("tts_requests_in_progress",
                                 "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",

@@ -134,7 +134,8 @@ class TTSService:
             for i in range(self.settings.workers):
                 log.info("Loading model replica %d/%d from %s", i + 1, self.settings.workers, self.settings.model_dir)
                 engines.append(await asyncio.to_thread(self.engine_factory))
-            self.pool = EnginePool(engines, self.settings.max_queue, self.max_batch(engines[0].device))
+            self.pool = EnginePool(engines, self.settings.max_queue, self.max_batch(engines[0].device),
+                                   cuda_graphs=self.settings.cuda_graphs)
             await self._warm_up()
         except Exception as exc:
             self.state, self.error = "failed", without_paths(f"{type(exc).__name__}: {exc}")
@@ -437,6 +438,7 @@ class TTSService:
             ready=self.ready, load_seconds=self.load_seconds, workers=self.workers,
             workers_busy=pool.busy if pool else 0, batch_slots=pool.capacity if pool else 0,
             batch_slots_busy=pool.busy_slots if pool else 0, batch_steps=steps, batch_rows=rows,
+            thread_seconds=pool.thread_seconds if pool else dict.fromkeys(("step", "vocoder", "join_stall", "join_stall_max"), 0.0),
             queue_depth=pool.waiting if pool else 0, requests_in_progress=pool.admitted if pool else 0,
             queue_limit=self.settings.max_queue, streams_dropped=dict(self.streams_dropped),
             cache_hits=cache.hits, cache_disk_hits=cache.disk_hits, cache_misses=cache.misses)

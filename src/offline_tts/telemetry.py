@@ -82,6 +82,7 @@ class ServiceFigures:
     batch_slots_busy: int
     batch_steps: int
     batch_rows: int
+    thread_seconds: dict[str, float]  # replica threads: "step", "vocoder", "join_stall", "join_stall_max"
     queue_depth: int
     requests_in_progress: int
     queue_limit: int

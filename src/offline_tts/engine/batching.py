@@ -9,7 +9,8 @@ only from its input embeddings (`gpt.wpe` is a null embedding; coqui adds the me
 each audio token itself). So each slot can sit at its own length: it writes its new key/value at its own
 index of a static per-slot KV cache and attends over its own valid prefix through a mask.
 
-The cache is allocated once: [layers] x [max_batch, heads, max_len, head_dim] for keys and for values.
+The cache is one block, [layers, k/v, max_batch, heads, max_len, head_dim], allocated once per busy
+period and freed when the replica goes idle (`trim`); on the CPU only the pages a step touches are mapped.
 A decode step runs the rows 0..n-1 (n = the highest busy slot + 1; slots are handed out lowest first)
 over the first L cache positions (the longest busy slot, rounded up to `length_bucket`), so its shapes
 come from a small fixed set: on CUDA each (n, L) bucket can later be captured as a CUDA graph.
@@ -123,7 +124,7 @@ class BatchedGpt:
     one scheduler thread owns it, and nothing else may run this model's GPT meanwhile)."""
 
     def __init__(self, model, max_batch: int, *, device: str | torch.device = "cpu", half: bool = False,
-                 max_len: int | None = None, length_bucket: int = 64):
+                 max_len: int | None = None, length_bucket: int = 64, cuda_graphs: bool = False):
         gpt = model.gpt
         self._gpt = gpt
         self._blocks = list(gpt.gpt.h)
@@ -137,12 +138,15 @@ class BatchedGpt:
         self._start, self._stop = int(gpt.start_audio_token), int(gpt.stop_audio_token)
         self._vocab = gpt.mel_head.out_features
         # fp16 on CUDA as the engine runs today (autocast), fp32 elsewhere.
-        self._autocast = (torch.autocast("cuda", dtype=torch.float16) if half and self.device.type == "cuda"
+        # (no weight-cast cache under CUDA graphs: torch requires it off during capture)
+        self._autocast = (torch.autocast("cuda", dtype=torch.float16, cache_enabled=not cuda_graphs)
+                          if half and self.device.type == "cuda"
                           else None)
-        cache_dtype = torch.float16 if self._autocast else torch.float32
-        shape = (max_batch, self._heads, self.max_len, self._head_dim)
-        self._keys = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in self._blocks]
-        self._values = [torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in self._blocks]
+        self._cache_dtype = torch.float16 if self._autocast else torch.float32
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._zeroed = [0] * max_batch  # cache positions of each row made finite (see `_allocate`)
+        self._allocate()
         # Per-slot decode state, on the device so the step reads it without host round trips.
         b = max_batch
         self._lengths = torch.zeros(b, dtype=torch.long, device=self.device)  # cache positions filled
@@ -157,6 +161,47 @@ class BatchedGpt:
         self._positions = torch.arange(self.max_len, device=self.device)
         self._rows = torch.arange(b, device=self.device)
         self._slots: list[_Slot | None] = [None] * b
+        # CUDA graphs of the decode step, one per (rows, span) bucket, captured on first use; their
+        # intermediate tensors share one memory pool. Off the GPU the setting does nothing.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._graph_pool = None
+
+    def _allocate(self) -> None:
+        """One block for the whole cache, [layers, k/v, max_batch, heads, max_len, head_dim], left
+        uninitialised: the OS maps its pages only when first written, so memory follows the slots and
+        lengths actually used (a full-size fp32 slot is ~255 MB: all of it for 8 slots doubled the
+        server's RSS). Positions a step reads before any sequence wrote them are zeroed first
+        (`_readable`): garbage could hold NaN, and a masked NaN still poisons the attention."""
+        if self._keys:
+            return
+        cache = torch.empty((len(self._blocks), 2, self.max_batch, self._heads, self.max_len, self._head_dim),
+                            dtype=self._cache_dtype, device=self.device)
+        self._keys = [layer[0] for layer in cache]
+        self._values = [layer[1] for layer in cache]
+        self._zeroed = [0] * self.max_batch
+        if self.device.type != "cpu":  # device memory is not mapped lazily: zero it all at once
+            cache.zero_()
+            self._zeroed = [self.max_len] * self.max_batch
+
+    def trim(self) -> bool:
+        """Free the KV cache while no slot is busy (the scheduler calls this when idle); the next `admit`
+        allocates it again. Returns whether it was freed."""
+        if self.device.type != "cpu" or any(s is not None for s in self._slots) or not self._keys:
+            return False  # on a GPU the cache stays: CUDA graphs hold its addresses
+        self._keys, self._values = [], []
+        return True
+
+    def _readable(self, n: int, span: int) -> None:
+        """Make positions [0, span) of rows 0..n-1 finite before a step attends over them (what a row's
+        sequence has written so far is kept: a joining one may be mid-prefill)."""
+        for row, state in enumerate(self._slots[:n]):
+            if self._zeroed[row] < span:
+                held = 0 if state is None else state.prefilled + state.generated
+                if max(held, self._zeroed[row]) < span:
+                    for cache in (*self._keys, *self._values):
+                        cache[row, :, max(held, self._zeroed[row]):span].zero_()
+                self._zeroed[row] = span
 
     @classmethod
     def for_engine(cls, engine, max_batch: int, **kwargs) -> BatchedGpt:
@@ -193,6 +238,7 @@ class BatchedGpt:
             raise ValueError(f"prefix of {prefix.shape[1]} tokens + {cap} audio tokens exceed the slot length {self.max_len}")
         if None not in self._slots:
             raise NoFreeSlot(f"all {self.max_batch} slots are busy")
+        self._allocate()
         slot = self._slots.index(None)
         self._slots[slot] = _Slot(prefix=prefix[0].to(self.device), prefilled=0, cap=cap, generator=generator)
         self._lengths[slot] = 0
@@ -263,9 +309,11 @@ class BatchedGpt:
         write_at = self._lengths[:n]
         longest = max(self._slots[row].prefilled + self._slots[row].generated for row in rows) + 1
         span = min(self.max_len, -(-longest // self._bucket) * self._bucket)
-        with self._autocast or contextlib.nullcontext():
-            latents = self._decode_forward(n, write_at, span)
-            logits = self._gpt.mel_head(latents)
+        self._readable(n, span)
+        if self.cuda_graphs:
+            latents, logits = self._graphed_forward(n, span)
+        else:
+            latents, logits = self._forward(n, write_at, span)
         active = torch.tensor(rows, device=self.device)
         tokens = self._sample(active, logits[active].float())
         self._lengths[active] += 1
@@ -282,6 +330,41 @@ class BatchedGpt:
             if finished:
                 self.release(row)
         return out
+
+    def _forward(self, n: int, write_at: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast or contextlib.nullcontext():
+            latents = self._decode_forward(n, write_at, span)
+            return latents, self._gpt.mel_head(latents)
+
+    def _graphed_forward(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_forward` replayed from a CUDA graph (UNTESTED on a GPU: none was available when it was written).
+
+        Static shapes: rows are rounded up to a power of two and the span to a power of two times the
+        length bucket, so a few dozen graphs cover every batch; the extra rows run on whatever their
+        cache holds and are ignored, as free rows are. The graph reads the step's inputs from the slot
+        state tensors (`_next_token`, `_audio_pos`, `_lengths`), which never move."""
+        rows = min(self.max_batch, 1 << (n - 1).bit_length())
+        buckets = -(-span // self._bucket)
+        span = min(self.max_len, self._bucket << (buckets - 1).bit_length())
+        key = (rows, span)
+        if key not in self._graphs:
+            # Warm-up on a side stream before capture, as torch requires; these runs write the same keys and
+            # values the real step writes (same inputs), so they change nothing.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(rows, self._lengths[:rows], span)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = self._forward(rows, self._lengths[:rows], span)
+            self._graphs[key] = (graph, out)
+        graph, (latents, logits) = self._graphs[key]
+        graph.replay()
+        return latents[:n], logits[:n]
 
     def _decode_forward(self, n: int, write_at: torch.Tensor, span: int) -> torch.Tensor:
         """Rows 0..n-1, one token each, over the first `span` cache positions; returns [n, C] latents.

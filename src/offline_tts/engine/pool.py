@@ -38,13 +38,13 @@ E = TypeVar("E")
 T = TypeVar("T")
 
 
-def replica(engine, max_batch: int, name: str) -> Scheduler | SequentialRunner:
+def replica(engine, max_batch: int, name: str, cuda_graphs: bool = False) -> Scheduler | SequentialRunner:
     """The thread that runs one engine replica: the batching scheduler when the engine supports it."""
     if not engine.batched:
         return SequentialRunner(engine, name=name)
     from .scheduler import Scheduler  # torch: imported only for an engine that uses it
 
-    return Scheduler(engine, max_batch, name=name)
+    return Scheduler(engine, max_batch, name=name, cuda_graphs=cuda_graphs)
 
 
 class Place:
@@ -66,13 +66,13 @@ class Place:
 
 
 class EnginePool(Generic[E]):
-    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1):
+    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1, *, cuda_graphs: bool = False):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = engines
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self.schedulers = [replica(engine, max_batch, f"replica-{i}") for i, engine in enumerate(engines)]
+        self.schedulers = [replica(engine, max_batch, f"replica-{i}", cuda_graphs) for i, engine in enumerate(engines)]
         self.admitted = 0  # requests in the house (running or waiting)
 
     @property
@@ -97,6 +97,14 @@ class EnginePool(Generic[E]):
     def batch_steps(self) -> tuple[int, int]:
         """(batched decode steps run, sentences decoded in them), all replicas together."""
         return sum(s.steps for s in self.schedulers), sum(s.rows for s in self.schedulers)
+
+    @property
+    def thread_seconds(self) -> dict[str, float]:
+        """Where the replicas' threads spent their time (seconds, all replicas), and the longest join stall."""
+        return {"step": sum(s.step_seconds for s in self.schedulers),
+                "vocoder": sum(s.vocoder_seconds for s in self.schedulers),
+                "join_stall": sum(s.stall_seconds for s in self.schedulers),
+                "join_stall_max": max(s.stall_max for s in self.schedulers)}
 
     @property
     def waiting(self) -> int:

@@ -23,8 +23,10 @@ parallel (a GPU with another CUDA stream): left for the GPU work of issue 10.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -39,6 +41,10 @@ from .streaming import ChunkDecoder
 
 log = logging.getLogger(__name__)
 
+# Seconds a replica stays idle before it frees its KV cache and returns freed heap memory to the OS
+# (short enough that RSS falls back between bursts; long enough not to churn between two sentences).
+IDLE_TRIM_SECONDS = 1.0
+
 # Prefix tokens prefilled per loop turn while other sentences decode. A full-size prefix is ~100-450 tokens,
 # so a joining sentence is ready within a few steps, and each of those steps costs the running streams
 # about what a 64-token forward costs (measured in bench/batching_bench.py).
@@ -51,6 +57,22 @@ def slot_length(engine) -> int:
     gpt = engine.model.gpt
     tokens = int(gpt.max_gen_mel_tokens)
     return default_max_len(gpt) - tokens + min(tokens, engine.max_audio_tokens or tokens)
+
+
+def release_free_memory() -> None:
+    """glibc keeps freed memory in its arenas (one per thread that allocated: the replica, torch's
+    workers, the event loop); malloc_trim hands the free pages of all of them back to the OS."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _Sequence:
@@ -81,11 +103,12 @@ class _Sequence:
 class Scheduler:
     """Owns one engine replica and runs all its sentences, batched, in one thread."""
 
-    def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica"):
+    def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica",
+                 cuda_graphs: bool = False):
         self.engine = engine
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
-        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine))
+        self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine), cuda_graphs=cuda_graphs)
         self.sampling = Sampling.of_engine(engine)
         self._queue: deque[SentenceJob] = deque()
         self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
@@ -95,6 +118,10 @@ class Scheduler:
         self._calling = False
         self.steps = 0  # batched decode steps run
         self.rows = 0  # sentences decoded in them, all steps together (rows / steps: the mean batch)
+        # Where the thread's time goes (seconds, summed): batched GPT steps, HiFi-GAN (chunks of all
+        # sequences), and prefills run while other sequences were decoding (the join stall: the running
+        # streams wait that long for their next step); `stall_max`: the longest such stall.
+        self.step_seconds = self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0
         self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
         self._thread.start()
 
@@ -137,17 +164,28 @@ class Scheduler:
         return len(self._active) + len(self._queue) + len(self._calls) + self._calling
 
     # -- the replica's thread ---------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return not (self._closed or self._queue or self._calls or self._active)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        trimmed = True
         while True:
             with self._wake:
-                while not (self._closed or self._queue or self._calls or self._active):
-                    self._wake.wait()
+                timed_out = False
+                while self._idle() and not timed_out:
+                    timed_out = not self._wake.wait(None if trimmed else IDLE_TRIM_SECONDS)
                 if self._closed:
                     break
-                calls = list(self._calls)
+                idle = self._idle()
+                calls = [] if idle else list(self._calls)
                 self._calls.clear()
                 self._calling = bool(calls)
+            if idle:  # nothing to do for IDLE_TRIM_SECONDS: give the busy period's memory back
+                self._trim()
+                trimmed = True
+                continue
+            trimmed = False
             for fn, future in calls:
                 self._call(fn, future)
             self._calling = False
@@ -158,6 +196,10 @@ class Scheduler:
                 log.exception("Scheduler turn failed")
                 self._fail_all(RuntimeError("the scheduler failed"))
         self._fail_all(RuntimeError("the model replica was closed"))
+
+    def _trim(self) -> None:
+        self.gpt.trim()
+        release_free_memory()
 
     def _call(self, fn: Callable[[Any], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -173,27 +215,40 @@ class Scheduler:
         if self.gpt.prefill_pending:
             budget = self.prefill_tokens if self.gpt.decoding else self.gpt.prefill_pending
             joining = [slot for slot in self._active if slot not in self.gpt.decoding]
+            started = time.perf_counter()
             try:
                 self.gpt.prefill_some(budget)
             except Exception as exc:
                 self._fail(joining, exc)
+            if len(joining) < len(self._active):  # others were decoding: they waited for this
+                stall = time.perf_counter() - started
+                self.stall_seconds += stall
+                self.stall_max = max(self.stall_max, stall)
         if self.gpt.decoding:
             rows = self.gpt.decoding
+            started = time.perf_counter()
             try:
                 emitted = self._step()
             except Exception as exc:
                 self._fail(rows, exc)
                 return
+            stepped = time.perf_counter()
+            self.step_seconds += stepped - started
             self.steps += 1
             self.rows += len(rows)
-            for slot, out in emitted.items():
-                try:
-                    self._active[slot].take(out.latent)
-                    if out.finished:
-                        self._active[slot].finish()
-                        del self._active[slot]
-                except Exception as exc:  # this sentence's decoding: it alone fails
-                    self._fail([slot], exc)
+            self._deliver(emitted)
+            self.vocoder_seconds += time.perf_counter() - stepped
+
+    def _deliver(self, emitted) -> None:
+        """Each latent to its sequence's decoder (HiFi-GAN runs here when a chunk is due)."""
+        for slot, out in emitted.items():
+            try:
+                self._active[slot].take(out.latent)
+                if out.finished:
+                    self._active[slot].finish()
+                    del self._active[slot]
+            except Exception as exc:  # this sentence's decoding: it alone fails
+                self._fail([slot], exc)
 
     def _step(self):
         """One batched decode step (a seam for fault-injection tests)."""

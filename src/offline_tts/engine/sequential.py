@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -33,6 +34,8 @@ class SequentialRunner:
         self._running = 0  # 1 while a sentence or a call runs
         self.steps = 0  # sentences spoken (a "step" of this runner is a whole sentence)
         self.rows = 0
+        self.step_seconds = 0.0  # time speaking (the whole sentence, vocoder included)
+        self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0  # not told apart / no joins here
         self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
         self._thread.start()
 
@@ -103,6 +106,7 @@ class SequentialRunner:
         if job.cancel.is_set():
             job.deliver(DONE)
             return
+        started = time.perf_counter()
         try:
             if job.plan is None:
                 job.deliver(self.engine.synthesize(job.text, job.language, job.conditioning, speed=job.speed,
@@ -117,6 +121,8 @@ class SequentialRunner:
             log.warning("Sentence failed: %s: %s", type(exc).__name__, exc)
             job.deliver(exc)
             return
+        finally:
+            self.step_seconds += time.perf_counter() - started
         self.steps += 1
         self.rows += 1
         job.deliver(DONE)
