@@ -121,10 +121,15 @@ def assert_error(events: list[Event], code: str, *words: str) -> Error:
     return error
 
 
-def last_log_line(server: ServerProcess) -> dict[str, str]:
-    lines = [line for line in server.log().splitlines() if "protocol=wyoming" in line]
-    assert lines, server.log()[-2000:]
-    return dict(re.findall(r'(\w+)=("[^"]*"|\S+)', lines[-1].split("request ", 1)[1]))
+def wyoming_lines(server: ServerProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if "protocol=wyoming" in line]
+
+
+def log_line(server: ServerProcess, before: int) -> dict[str, str]:
+    """The access-log line of the request made after `before` lines (written just after its last event)."""
+    lines = wait_for(lambda: wyoming_lines(server)[before:], "the request's log line", 30)
+    assert len(lines) == 1, lines
+    return dict(re.findall(r'(\w+)=("[^"]*"|\S+)', lines[0].split("request ", 1)[1]))
 
 
 def metrics(server: ServerProcess) -> dict[str, float]:
@@ -170,16 +175,18 @@ def test_ping_answers_pong(srv: ServerProcess) -> None:
 
 # -- synthesize ----------------------------------------------------------------------------------------
 def test_synthesize_without_a_voice_speaks_the_default_voice(srv: ServerProcess) -> None:
+    before = len(wyoming_lines(srv))
     pcm = assert_audio(run(ask(srv, Synthesize(text="Hola. ¿Qué tal?").event())))
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert (line["voice"], line["language"], line["outcome"], line["kind"]) == ("my_voice_sample", "es", "ok", "synthesize")
     # The same audio as the HTTP stream of the same text and voice (greedy decoding: deterministic).
     assert pcm == http_pcm(srv, text="Hola. ¿Qué tal?", voice_sample="my_voice_sample", language="es")
 
 
 def test_synthesize_with_a_named_voice_speaks_it_in_its_own_language(srv: ServerProcess) -> None:
+    before = len(wyoming_lines(srv))
     pcm = assert_audio(run(ask(srv, Synthesize(text="Hello there.", voice=SynthesizeVoice(name="ana")).event())))
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert (line["voice"], line["language"]) == ("ana", "en")
     assert pcm == http_pcm(srv, text="Hello there.", voice_sample="ana")
 
@@ -188,25 +195,28 @@ def test_synthesize_with_a_voice_and_a_language(srv: ServerProcess) -> None:
     # Home Assistant sends the name only; other clients may add a language (wyoming's own SynthesizeVoice
     # keeps one of the two, so this is the raw event a client writes).
     event = Event(type="synthesize", data={"text": "Bonjour à tous.", "voice": {"name": "ana", "language": "fr-FR"}})
+    before = len(wyoming_lines(srv))
     pcm = assert_audio(run(ask(srv, event)))
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert (line["voice"], line["language"]) == ("ana", "fr")
     assert pcm == http_pcm(srv, text="Bonjour à tous.", voice_sample="ana", language="fr")
 
 
 def test_synthesize_with_a_language_only_speaks_the_default_voice_in_it(srv: ServerProcess) -> None:
+    before = len(wyoming_lines(srv))
     assert_audio(run(ask(srv, Synthesize(text="Guten Tag.", voice=SynthesizeVoice(language="de")).event())))
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert (line["voice"], line["language"]) == ("my_voice_sample", "de")
 
 
 def test_each_sentence_streams_as_it_is_generated(srv: ServerProcess) -> None:
     """Three sentences: audio arrives in several events, and the access log's first audio came well before
     the whole synthesis was done."""
+    before = len(wyoming_lines(srv))
     events = run(ask(srv, Synthesize(text="Uno. Dos. Tres.").event()))
     assert_audio(events)
     assert sum(AudioChunk.is_type(e.type) for e in events) >= 3
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert float(line["ttfa_seconds"]) < float(line["duration_seconds"]) / 2, line
 
 
@@ -214,7 +224,8 @@ def test_metrics_count_wyoming_requests(srv: ServerProcess) -> None:
     key = 'tts_wyoming_requests_total{"kind": "synthesize", "outcome": "ok"}'
     before = metrics(srv).get(key, 0)
     assert_audio(run(ask(srv, Synthesize(text="Hola.").event())))
-    after = metrics(srv)
+    # Counted just after the last event went out.
+    after = wait_for(lambda: m if (m := metrics(srv)).get(key, 0) > before else None, "the request to be counted", 30)
     assert after[key] == before + 1
     assert after.get('tts_time_to_first_audio_seconds_count{"route": "wyoming synthesize"}', 0) >= 1
 
@@ -260,13 +271,14 @@ def split_sentences(events: list[Event]) -> list[list[Event]]:
 
 def test_streaming_text_speaks_each_sentence_before_the_text_ends(srv: ServerProcess) -> None:
     pieces = ["Hola, ", "¿qué tal", " estás? Hoy", " hace sol", ". Adiós."]
+    before = len(wyoming_lines(srv))
     events, arrived = run(stream_text(srv, {"name": "ana", "language": "es"}, pieces))
     assert arrived >= 2  # audio-start and a chunk of the first sentence, before the last piece was even sent
     sentences = split_sentences(events)
     assert len(sentences) == 3  # the trailing `synthesize` (the whole text again) is not spoken twice
     for sentence in sentences:
         assert_audio(sentence)
-    line = last_log_line(srv)
+    line = log_line(srv, before)
     assert (line["kind"], line["outcome"], line["voice"], line["language"]) == ("stream", "ok", "ana", "es")
     assert int(line["characters"]) == len("".join(pieces))
     # Same audio as the one-shot request of the same sentences.
@@ -275,9 +287,10 @@ def test_streaming_text_speaks_each_sentence_before_the_text_ends(srv: ServerPro
 
 
 def test_streaming_text_without_a_voice_uses_the_default(srv: ServerProcess) -> None:
+    before = len(wyoming_lines(srv))
     events, _ = run(stream_text(srv, None, ["Buenos", " días."], wait_first_audio=False))
     assert len(split_sentences(events)) == 1
-    assert last_log_line(srv)["voice"] == "my_voice_sample"
+    assert log_line(srv, before)["voice"] == "my_voice_sample"
 
 
 def test_streaming_errors_end_with_synthesize_stopped(srv: ServerProcess) -> None:
