@@ -13,7 +13,9 @@ On when TTS_WYOMING_URI is set (tcp://0.0.0.0:10200). Home Assistant opens one c
 - what cannot be done -> an `error` event (text: what is wrong and how to fix it; code: the HTTP API's
   error code); the connection stays open for the next request. Inside a text stream a failed sentence is
   an `error` and the stream goes on; it still ends with `synthesize-stopped`.
-A client that disconnects stops its generation at once and gives its place back.
+A client that disconnects stops its generation at once and gives its place back. The end of what a client
+sends is taken as its leaving (a TCP half-close cannot be told apart): clients keep their sending side open
+until the audio is done, as Home Assistant and wyoming's own client do.
 """
 
 from __future__ import annotations
