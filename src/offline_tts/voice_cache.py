@@ -78,11 +78,11 @@ class VoiceCache:
         self._model_ids: set[str] = set()
 
     # -- keys -------------------------------------------------------------------------------------
-    @staticmethod
-    def clip_digests(voice: Voice) -> list[str]:
-        """The hashes of the voice's clips; VoiceNotFound when one was deleted since the voice was resolved."""
+    def clip_digests(self, voice: Voice) -> list[str]:
+        """The hashes of the voice's clips (read again only when a file changed: see `_memo_digest`);
+        VoiceNotFound when one was deleted since the voice was resolved."""
         try:
-            return [file_digest(p) for p in voice.files]
+            return [self._memo_digest(p) for p in voice.files]
         except (FileNotFoundError, NotADirectoryError):
             raise vanished(voice) from None
 
@@ -192,10 +192,11 @@ class VoiceCache:
         return live
 
     def _memo_digest(self, path: Path) -> str:
-        """file_digest, remembered per file version (inode, size, mtime), so releasing an entry does not
-        re-read every voice. Only used to decide what to delete: a miss costs a recomputation at worst."""
+        """file_digest, remembered per file version (path, inode, size, mtime, ctime): a request does not read
+        the clips again to find its cache key, nor does releasing an entry re-read every voice. A replaced or
+        rewritten clip is a new version (uploads replace by rename: a new inode; an edit changes mtime)."""
         st = path.stat()
-        version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if version not in self._digest_memo:
             if len(self._digest_memo) >= _DIGEST_MEMO_SIZE:
                 self._digest_memo.clear()

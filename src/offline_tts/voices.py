@@ -97,9 +97,12 @@ class VoiceStore:
             if not p.name.startswith(".") and p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file() and self._inside(p)
         )
 
-    def list(self) -> list[Voice]:
+    def list(self, stem: str | None = None) -> list[Voice]:
+        """Every voice, sorted by file name (with `stem`: only the voices of that name, in one directory scan)."""
         voices: list[Voice] = []
         for entry in sorted(self.root.iterdir()):
+            if stem is not None and entry.name != stem and entry.stem != stem:
+                continue  # before any other system call: resolving a name scans the directory once
             if entry.name.startswith(".") or not self._inside(entry):
                 continue
             if entry.is_dir():
@@ -149,7 +152,7 @@ class VoiceStore:
             return Voice(Path(name).stem, (direct.resolve(),))
         # "ana" finds ana.wav; "ana.mp3" also finds ana.wav when it is the only clip of that name.
         stem = Path(name).stem if Path(name).suffix.lower() in AUDIO_EXTENSIONS else name
-        matches = [v for v in self.list() if v.name == stem]
+        matches = [v for v in self.list(stem) if v.name == stem]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:

@@ -40,13 +40,14 @@ from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from . import __version__, audio, metrics
+from . import __version__, audio, metrics, telemetry
 from .api.middleware import access_log
 from .api.middleware import _value as log_value
 from .errors import InvalidText, TextTooLong, TTSError
-from .service import Stats, TTSService
+from .service import TTSService
 from .speech_session import SentenceDone, SentenceFailed, SentenceStarted, SpeechSession
 from .stream_guard import StreamGuard
+from .telemetry import Stats
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +252,9 @@ class WyomingHandler(AsyncEventHandler):
 
     # -- one request: accounting ------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _request(self, kind: str) -> AsyncIterator[metrics.RequestRecord]:
+    async def _request(self, kind: str) -> AsyncIterator[telemetry.RequestRecord]:
         """The request's record (the service fills it in), then its metrics and its log line."""
-        record, token = metrics.start_record(uuid.uuid4().hex)
+        record, token = telemetry.start_record(uuid.uuid4().hex)
         record.extra["outcome"] = "ok"
         started = time.perf_counter()
         try:
@@ -269,9 +270,9 @@ class WyomingHandler(AsyncEventHandler):
             self.metrics.wyoming.labels(kind, outcome).inc()
             self.metrics.observe_synthesis(f"wyoming {kind}", record)
             self._log(kind, outcome, time.perf_counter() - started, record)
-            metrics.end_record(token)
+            telemetry.end_record(token)
 
-    def _log(self, kind: str, outcome: str, duration: float, record: metrics.RequestRecord) -> None:
+    def _log(self, kind: str, outcome: str, duration: float, record: telemetry.RequestRecord) -> None:
         stats = record.stats
         fields = {
             "request_id": record.request_id, "protocol": "wyoming", "kind": kind, "outcome": outcome,
@@ -284,7 +285,7 @@ class WyomingHandler(AsyncEventHandler):
                         extra=fields)
 
     async def _send_guarded(self, guard: StreamGuard, respond: Callable[[Callable[[Event], Awaitable[None]]], Awaitable[None]],
-                            record: metrics.RequestRecord) -> bool:
+                            record: telemetry.RequestRecord) -> bool:
         """Run `respond(send)` so that a client that stops reading is dropped (stream_guard.py, as for HTTP
         streams); False when it was, and the connection is then closed."""
         await guard.run(respond, self.write_event)
@@ -307,8 +308,7 @@ class WyomingHandler(AsyncEventHandler):
                 record.extra["outcome"] = exc.code
                 await self.write_event(error_event(exc))
                 return
-            rate = self.service.engine.sample_rate
-            stats = Stats()
+            rate = self.service.sample_rate
             started = False
 
             async def respond(send: Callable[[Event], Awaitable[None]]) -> None:
@@ -316,7 +316,7 @@ class WyomingHandler(AsyncEventHandler):
                 await send(AudioStart(rate=rate, width=2, channels=1).event())
                 started = True
                 sent = 0
-                async with contextlib.aclosing(self.service.stream(job, stats)) as chunks:
+                async with contextlib.aclosing(self.service.stream(job)) as chunks:
                     async for chunk in chunks:
                         for event in audio_events(chunk, rate, sent):
                             await send(event)
@@ -360,10 +360,10 @@ class WyomingHandler(AsyncEventHandler):
             session.feed(piece)
         session.close()
 
-    async def _speak(self, session: SpeechSession, record: metrics.RequestRecord) -> bool:
+    async def _speak(self, session: SpeechSession, record: telemetry.RequestRecord) -> bool:
         """The session's sentences as audio-start / audio-chunk... / audio-stop each, errors as `error`
         events; False when the client stopped reading and was dropped."""
-        rate = self.service.engine.sample_rate
+        rate = self.service.sample_rate
         stats = Stats(sample_rate=rate)
         record.stats, record.voice = stats, session.voice.name
         spoke = failed = False
