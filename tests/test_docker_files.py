@@ -595,8 +595,18 @@ def test_compose_paths_and_port_match_the_image() -> None:
             path = PurePosixPath(env[var])
             assert any(path == PurePosixPath(t) or PurePosixPath(t) in path.parents for t in targets), (
                 f"{name}: {var}={path} is not on a volume, so it is lost with the container")
-        container_ports = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in service["ports"]}
+        container_ports = {str(p).rsplit(":", 1)[-1].split("/")[0] for p in service["ports"]} - {WYOMING_PORT}
         assert container_ports == exposed == {env["TTS_PORT"]}, (container_ports, exposed, env["TTS_PORT"])
+
+
+WYOMING_PORT = "10200"  # Home Assistant's Wyoming port, published for TTS_WYOMING_URI=tcp://0.0.0.0:10200
+
+
+def test_compose_publishes_the_wyoming_port_and_passes_its_setting() -> None:
+    for name, service in _services().items():
+        assert f"{WYOMING_PORT}:{WYOMING_PORT}" in [str(p) for p in service["ports"]], name
+        assert "TTS_WYOMING_URI" in _environment(service), name
+    assert f"TTS_WYOMING_URI=tcp://0.0.0.0:{WYOMING_PORT}" in COMPOSE.read_text()
 
 
 def test_model_license_is_opt_in() -> None:

@@ -63,9 +63,25 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 if app.state.on_fatal is not None:  # `offline-tts serve` stops: a server that can never be ready
                     app.state.on_fatal()
 
+        wyoming = None
+        if settings.wyoming_uri:  # listens at once; answers `error` (model not ready) until the model is loaded
+            from .wyoming_server import WyomingServer
+
+            wyoming = WyomingServer(service, app.state.metrics, settings.wyoming_uri)
+            try:
+                await wyoming.start()
+            except OSError as exc:  # the address is taken or not ours: the service cannot do what it was asked
+                service.state, service.error = "failed", f"Wyoming address {settings.wyoming_uri}: {exc.strerror or exc}"
+                log.error("Cannot listen for Wyoming on %s (TTS_WYOMING_URI): %s", settings.wyoming_uri, exc)
+                if app.state.on_fatal is not None:
+                    app.state.on_fatal()
+                yield
+                return
         task = asyncio.create_task(start())
         yield
         task.cancel()
+        if wyoming is not None:
+            await wyoming.stop()
 
     app = FastAPI(
         title="Offline TTS (XTTS-v2 voice cloning)",

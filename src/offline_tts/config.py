@@ -106,6 +106,10 @@ class Settings(BaseSettings):
 
     shutdown_grace_seconds: float = Field(20.0, ge=0, description="How long running streams may finish on SIGTERM")
 
+    # Home Assistant (Wyoming protocol)
+    wyoming_uri: str | None = Field(None, description="Also serve the Wyoming protocol (Home Assistant) here, e.g. "
+                                                      "tcp://0.0.0.0:10200 (or unix:///path); unset = off")
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _origins(cls, v: object) -> object:
@@ -126,6 +130,28 @@ class Settings(BaseSettings):
             if v and not v.strip():
                 raise ValueError("the key is only whitespace: set the real key, or leave it empty for no key")
             return v.strip() or None
+        return v
+
+    @field_validator("wyoming_uri", mode="before")
+    @classmethod
+    def _wyoming_uri(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:  # `TTS_WYOMING_URI=` (an empty line in .env / compose): off
+                return None
+            from urllib.parse import urlparse
+
+            url = urlparse(v)
+            try:
+                port = url.port
+            except ValueError:
+                port = None
+            if url.scheme == "tcp" and (not url.hostname or port is None):
+                raise ValueError("a tcp:// address needs a host and a port, e.g. tcp://0.0.0.0:10200")
+            if url.scheme == "unix" and not url.path:
+                raise ValueError("a unix:// address needs a socket path, e.g. unix:///run/offline-tts.sock")
+            if url.scheme not in ("tcp", "unix"):
+                raise ValueError("use tcp://HOST:PORT (e.g. tcp://0.0.0.0:10200) or unix:///PATH")
         return v
 
     @field_validator("language", "language_fallback")

@@ -87,12 +87,18 @@ class Metrics:
                              ["route"], buckets=_RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("tts_audio_seconds", "Seconds of audio generated", registry=r)
         self.characters = Counter("tts_characters", "Characters of text synthesized", registry=r)
+        self.wyoming = Counter("tts_wyoming_requests", "Wyoming (Home Assistant) syntheses by kind and outcome",
+                               ["kind", "outcome"], registry=r)
         if figures is not None:
             r.register(_ServiceCollector(figures))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float, record: RequestRecord | None) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(route).observe(seconds)
+        self.observe_synthesis(route, record)
+
+    def observe_synthesis(self, route: str, record: RequestRecord | None) -> None:
+        """Time to first audio, synthesis time, real-time factor, audio seconds and characters of one request."""
         stats = record.stats if record else None
         if stats is None or not stats.audio_samples:
             return
