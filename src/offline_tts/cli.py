@@ -77,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
         access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        http=limited_headers_protocol(settings.max_header_bytes, settings.max_headers)))
+        http=limited_headers_protocol(settings.max_header_bytes, settings.max_headers),
+        # The protocol's own bound, above the routes' (which answer a clear error first): 1009 beyond it.
+        ws_max_size=2 * settings.ws_max_message_bytes + 1024))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)  # a model that cannot load: stop, exit 1
     server.run()
     return 1 if app.state.service.state == "failed" else 0

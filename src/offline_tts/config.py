@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request header block (request line included); beyond it: 431")
     max_headers: int = Field(100, ge=8, description="Most request headers; beyond it: 431")
 
+    # WebSocket routes (/api/tts/ws, ElevenLabs stream-input): per-connection limits
+    ws_clause_chars: int = Field(100, ge=0, description="Text in pieces: a clause break (, ; :) after this many characters "
+                                 "ends a piece even without a sentence end, so a long sentence starts sooner (0 = off)")
+    ws_max_message_bytes: int = Field(65536, ge=1024, description="Largest WebSocket message from a client; beyond it: close 1009")
+    ws_max_buffered_chars: int = Field(5000, ge=1, description="Text a connection may have received and not yet spoken; "
+                                       "beyond it: close 1008")
+    ws_max_characters: int = Field(100_000, ge=1, description="Text one connection may send in all; beyond it: close 1008")
+    ws_idle_seconds: float = Field(60.0, gt=0, description="A connection that sends nothing for this long while nothing is "
+                                   "being spoken is closed (1008); the first message must come within it too")
+
     # Security
     api_key: str | None = Field(None, description="When set, every route but /health (and the public lists) needs "
                                                   "`Authorization: Bearer <key>`; surrounding whitespace is ignored, empty = no key")

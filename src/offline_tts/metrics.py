@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -135,6 +135,13 @@ class Metrics:
                              ["route"], buckets=_RTF_BUCKETS, registry=r)
         self.audio_seconds = Counter("tts_audio_seconds", "Seconds of audio generated", registry=r)
         self.characters = Counter("tts_characters", "Characters of text synthesized", registry=r)
+        self.websockets_open = Gauge("tts_websocket_connections", "Open WebSocket connections (text in pieces)",
+                                     ["route"], registry=r)
+        self.websocket_closes = Counter("tts_websocket_closes", "WebSocket connections ended, by close code "
+                                        "(1000 normal, 1008 a limit or a bad message, 1009 a message too large, "
+                                        "1006 the client vanished)", ["route", "code"], registry=r)
+        self.websocket_sentences = Counter("tts_websocket_sentences", "Sentences spoken on WebSocket connections",
+                                           ["route"], registry=r)
         if service is not None:
             r.register(_ServiceCollector(service))
 
