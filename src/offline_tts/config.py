@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 to accept other machines; the Docker image does)")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve https:// and wss:// (the elevenlabs SDK "
+                                      "only speaks wss); with TTS_SSL_KEYFILE")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) of TTS_SSL_CERTFILE")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(False, description="One JSON object per log line")
 

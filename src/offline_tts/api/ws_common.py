@@ -350,9 +350,9 @@ class SpeechConnection:
             self.stats.finished = time.perf_counter()
             metrics.note(stats=self.stats)
         metrics.note(close_code=self.close_code)
+        if self.metrics is not None:  # before the close: a client that saw it finds it counted
+            self.metrics.websockets_open.labels(self.route).dec()
+            self.metrics.websocket_closes.labels(self.route, str(self.close_code)).inc()
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(self.close_code if self.close_code != 1006 else NORMAL)
-        if self.metrics is not None:
-            self.metrics.websockets_open.labels(self.route).dec()
-            self.metrics.websocket_closes.labels(self.route, str(self.close_code)).inc()
