@@ -22,6 +22,15 @@ LONG_SENTENCE = ("Esta es una frase larguísima que el modelo tiene que decir de
                  "hablando del mar y de las montañas y de los ríos y de las ciudades y de la gente que pasa")
 
 
+def started(srv: ServerProcess, timeout: float = 600) -> ServerProcess:
+    """Start a private server (a loaded machine may take minutes); never leave it running if that fails."""
+    try:
+        return srv.start(timeout=timeout)
+    except BaseException:
+        srv.stop()
+        raise
+
+
 def ws_url(srv: ServerProcess, path: str = "/api/tts/ws") -> str:
     return srv.url.replace("http", "ws", 1) + path
 
@@ -256,7 +265,7 @@ def long_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """No small audio cap here: a sentence takes tens of seconds to speak on the tiny CPU model."""
     srv = ServerProcess(tmp_path_factory.mktemp("wslong"), tiny_model_dir, {"TTS_MAX_AUDIO_TOKENS": "100000"})
     make_clip(srv.voices_dir / "ana.wav", seconds=5, rate=24000, channels=1)
-    srv.start()
+    started(srv)
     yield srv
     srv.stop()
 
@@ -320,7 +329,7 @@ def limited_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
         "TTS_WS_MAX_MESSAGE_BYTES": "1024", "TTS_WS_MAX_BUFFERED_CHARS": "60", "TTS_WS_MAX_CHARACTERS": "100",
         "TTS_WS_IDLE_SECONDS": "1.5", "TTS_WS_CLAUSE_CHARS": "0"})
     make_clip(srv.voices_dir / "ana.wav", seconds=5, rate=24000, channels=1)
-    srv.start()
+    started(srv)
     yield srv
     srv.stop()
 

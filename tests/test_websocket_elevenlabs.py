@@ -19,7 +19,7 @@ import websockets
 from elevenlabs.client import ElevenLabs
 from websockets.asyncio.client import connect
 
-from helpers import ServerProcess, ffmpeg_decode, make_clip
+from helpers import ServerProcess, ffmpeg_decode, make_clip, wait_for
 
 KEY = "s3cret-key"
 
@@ -38,7 +38,6 @@ def tls_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     srv.cert = cert
     make_clip(srv.voices_dir / "ana.wav", seconds=5, rate=24000, channels=1)
     srv.start(wait_ready=False)
-    from helpers import wait_for
 
     def ready() -> bool:
         assert srv.proc.poll() is None, srv.log()
@@ -47,7 +46,11 @@ def tls_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, "the TLS server to be ready", 300)
+    try:
+        wait_for(ready, "the TLS server to be ready", 600)
+    except BaseException:
+        srv.stop()
+        raise
     yield srv
     srv.stop()
 
@@ -189,3 +192,43 @@ def test_native_key_missing_or_wrong(tls_server: ServerProcess) -> None:
     lines = [line for line in tls_server.log().splitlines() if "method=WS path=/api/tts/ws" in line]
     assert any("status=401" in line for line in lines), lines
     assert "wrong" not in tls_server.log() and KEY not in tls_server.log()  # keys never reach the log
+
+
+def test_multi_stream_input_contexts(tls_server: ServerProcess) -> None:
+    """multi-stream-input: a context per turn, the old one closed on barge-in, close_socket at the end."""
+    url = wss(tls_server, "/v1/text-to-speech/ana/multi-stream-input?output_format=pcm_24000")
+
+    async def go() -> tuple[list[dict], int, int]:
+        received: list[dict] = []
+
+        async def recv() -> dict:
+            received.append(json.loads(await asyncio.wait_for(ws.recv(), 120)))
+            return received[-1]
+
+        async with connect(url, ssl=tls(tls_server), proxy=None, additional_headers={"xi-api-key": KEY}) as ws:
+            await ws.send(json.dumps({"text": " ", "context_id": "turn1", "voice_settings": {"stability": 0.4}}))
+            await ws.send(json.dumps({"text": "Hello there, my friend, how are you", "context_id": "turn1",
+                                      "flush": True}))
+            while "audio" not in await recv():
+                pass
+            await ws.send(json.dumps({"context_id": "turn1", "close_context": True}))  # the user speaks: barge-in
+            closed_at = len(received)
+            await ws.send(json.dumps({"text": "A new turn.", "context_id": "turn2"}))
+            await ws.send(json.dumps({"text": "", "context_id": "turn2"}))  # keep-alive: nothing to say
+            await ws.send(json.dumps({"close_socket": True}))
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await recv()
+            return received, closed_at, ws.close_code
+
+    received, closed_at, code = asyncio.run(go())
+    assert code == 1000
+    assert all(m.get("contextId") in ("turn1", "turn2") for m in received), received
+    finals = [m["contextId"] for m in received if m.get("isFinal")]
+    assert finals == ["turn1", "turn2"], finals
+    final1 = next(i for i, m in enumerate(received) if m.get("isFinal") and m["contextId"] == "turn1")
+    # After its close, turn1 sends nothing more (at most a chunk already on its way before the close arrived).
+    assert sum(1 for m in received[final1:] if m.get("contextId") == "turn1" and m.get("audio")) == 0
+    assert sum(1 for m in received[closed_at:final1] if m.get("audio")) <= 2
+    turn2 = b"".join(base64.b64decode(m["audio"]) for m in received if m.get("contextId") == "turn2" and m.get("audio"))
+    assert len(turn2) > 0 and len(turn2) % 2 == 0

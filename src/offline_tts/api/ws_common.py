@@ -131,6 +131,7 @@ class SpeechConnection:
         self.session: SpeechSession | None = None
         self.out: AudioOut | None = None
         self.input_closed = False
+        self.characters = 0  # text received on the connection, all sessions together
         self.stats: Stats | None = None  # from the first sentence's completion to its first audio
         self._send_lock = asyncio.Lock()
         self._sentence_started: dict[int, float] = {}  # index -> when its text was complete
@@ -182,17 +183,25 @@ class SpeechConnection:
         self.out = AudioOut(fmt, self.service.engine.sample_rate, self.deliver)
         metrics.note(voice=self.session.voice.name, language=self.session.language)
 
-    def feed(self, text: str) -> None:
+    def feed(self, text: str, session: SpeechSession | None = None) -> None:
         if self.input_closed:
             raise Refusal("invalid_message", "Text after the end of input.", "Open a new connection for more text.")
-        session = self.session
-        if session.characters + len(text) > self.settings.ws_max_characters:
+        session = session or self.session
+        if self.characters + len(text) > self.settings.ws_max_characters:
             raise Refusal("too_many_characters", f"This connection sent more than {self.settings.ws_max_characters} "
                           "characters in all.", "Open a new connection, or raise TTS_WS_MAX_CHARACTERS.")
+        self.characters += len(text)
         session.feed(text)
-        if session.buffered_chars > self.settings.ws_max_buffered_chars:
+        if self.buffered_chars() > self.settings.ws_max_buffered_chars:
             raise Refusal("buffer_full", f"More than {self.settings.ws_max_buffered_chars} characters wait to be "
                           "spoken.", "Send text about as fast as it is spoken, or raise TTS_WS_MAX_BUFFERED_CHARS.")
+
+    def buffered_chars(self) -> int:
+        return self.session.buffered_chars
+
+    def busy(self) -> bool:
+        """Something is being spoken or waits to be (the client listens: it is not idle)."""
+        return self.input_closed or (self.session is not None and not self.session.idle)
 
     def close_input(self) -> None:
         if not self.input_closed:
@@ -267,7 +276,7 @@ class SpeechConnection:
             try:
                 message = await asyncio.wait_for(self.ws.receive(), self.idle_seconds)
             except TimeoutError:
-                if self.session is not None and (not self.session.idle or self.input_closed):
+                if self.busy():
                     continue  # still speaking: the client listens
                 raise Refusal("idle_timeout", f"Nothing received for {self.idle_seconds:g} s.",
                               "Send text, or close the connection when done; TTS_WS_IDLE_SECONDS sets the time.")
@@ -293,10 +302,16 @@ class SpeechConnection:
 
     async def _pump(self) -> None:
         """The session's events as the protocol's messages, audio through the connection's encoder."""
-        async for event in self.session.events():
+        await self.speak(self.session, self.out, self.on_event)
+        await self.on_end()
+        self.close_code = NORMAL
+
+    async def speak(self, session: SpeechSession, out: AudioOut, on_event) -> None:
+        """One session's events to the client until it ends, audio through `out`."""
+        async for event in session.events():
             if isinstance(event, np.ndarray):
                 self._note_audio(len(event))
-                await self.out.write(event)
+                await out.write(event)
                 continue
             if isinstance(event, SentenceStarted):
                 self._current = event.index
@@ -305,10 +320,8 @@ class SpeechConnection:
                     self.stats = Stats(started=event.completed_at, sample_rate=self.service.engine.sample_rate)
             elif isinstance(event, SentenceDone) and self.metrics is not None:
                 self.metrics.websocket_sentences.labels(self.route).inc()
-            await self.on_event(event)
-        await self.out.finish()
-        await self.on_end()
-        self.close_code = NORMAL
+            await on_event(event)
+        await out.finish()
 
     def _note_audio(self, samples: int) -> None:
         now = time.perf_counter()
@@ -345,7 +358,8 @@ class SpeechConnection:
         session = self.session
         if session is not None:
             await session.aclose()  # stops the sentence being generated, frees the slot and the place
-            metrics.note(characters=session.characters or None, sentences=session.sentences_spoken)
+            metrics.note(sentences=session.sentences_spoken)
+        metrics.note(characters=self.characters or None)
         if self.stats is not None:
             self.stats.finished = time.perf_counter()
             metrics.note(stats=self.stats)

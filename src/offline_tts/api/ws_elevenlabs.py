@@ -14,14 +14,17 @@ accepted and ignored; `alignment` is not computed (null).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 
 from fastapi import APIRouter, WebSocket
 
+from .. import metrics
 from ..encoders import AudioFormat
 from ..errors import UnsupportedFormat
-from .ws_common import Refusal, SpeechConnection
+from ..speech_session import SpeechSession
+from .ws_common import NORMAL, AudioOut, Refusal, SpeechConnection
 
 router = APIRouter()
 
@@ -30,6 +33,7 @@ _BITRATES = (32, 64, 96, 128, 192)
 _MP3 = ("-c:a", "libmp3lame", "-write_xing", "0", "-id3v2_version", "0", "-f", "mp3")
 _OPUS = ("-c:a", "libopus", "-frame_duration", "20", "-page_duration", "100000", "-f", "ogg")
 ENGINE_RATE = 24_000
+_MAX_CONTEXTS = 8  # open contexts per multi-stream-input connection
 
 
 def _formats() -> dict[str, AudioFormat]:
@@ -117,6 +121,132 @@ class ElevenLabsConnection(SpeechConnection):
         return {"message": refusal.message, "error": refusal.code, "code": refusal.close_code, "hint": refusal.hint}
 
 
+class _Context:
+    def __init__(self, context_id: str, session: SpeechSession, out: AudioOut):
+        self.id, self.session, self.out = context_id, session, out
+        self.task: asyncio.Task | None = None
+
+
+class ElevenLabsMultiConnection(ElevenLabsConnection):
+    """`multi-stream-input`: several contexts on one connection (an agent opens a new one per turn and closes
+    the old one on barge-in), each a session of its own with its own encoder; messages carry `context_id`
+    (none: the default context), audio answers `contextId`. `close_context` stops a context at once (its
+    queued text is dropped) and answers `{"isFinal": true, "contextId"}`; `flush` speaks what it buffered;
+    `{"text": "", "context_id"}` keeps it alive; `close_socket` ends the input: every context is spoken to
+    its end, then the connection closes normally."""
+
+    route = "/v1/text-to-speech/{voice_id}/multi-stream-input"
+    DEFAULT = "default"  # ElevenLabs' name for the context of messages without context_id... ours at least
+
+    def __init__(self, ws: WebSocket, voice_id: str):
+        super().__init__(ws, voice_id)
+        self.contexts: dict[str, _Context] = {}
+        self._finished = asyncio.Event()
+        self._fmt: AudioFormat | None = None
+        self._language: str | None = None
+        self._speed = 1.0
+
+    async def start(self, message: dict) -> None:
+        self.check_key(message.get("xi_api_key"), message.get("xi-api-key"), message.get("authorization"))
+        self._fmt = output_format(self.ws.query_params.get("output_format"))
+        self._language = self.ws.query_params.get("language_code") or None
+        self._speed = _speed(message.get("voice_settings"))
+        await self._context(message)  # the voice is checked now, not at the first text
+        if {"text", "flush", "close_context", "close_socket"} & set(message):
+            await self.handle(message)
+
+    async def _context(self, message: dict) -> _Context:
+        context_id = message.get("context_id")
+        context_id = context_id if isinstance(context_id, str) and context_id else self.DEFAULT
+        context = self.contexts.get(context_id)
+        if context is None:
+            if len(self.contexts) >= _MAX_CONTEXTS:
+                raise Refusal("too_many_contexts", f"More than {_MAX_CONTEXTS} contexts are open.",
+                              "Close contexts you no longer need (close_context).")
+            session = await self.service.open_session(self.voice_id, self._language, self._speed,
+                                                      self.settings.ws_clause_chars)
+            metrics.note(voice=session.voice.name, language=session.language)
+            self.session = self.session or session  # the first one: what the base class reports
+            context = _Context(context_id, session, None)
+            context.out = AudioOut(self._fmt, self.service.engine.sample_rate,
+                                   lambda data, c=context_id: self._send_audio(data, c))
+            context.task = asyncio.create_task(self._speak_context(context), name=f"ws-context-{context_id[:20]}")
+            self.contexts[context_id] = context
+        return context
+
+    async def _speak_context(self, context: _Context) -> None:
+        async def no_events(event) -> None:
+            pass
+
+        await self.speak(context.session, context.out, no_events)
+        if self.contexts.get(context.id) is context:
+            await self.send_json({"isFinal": True, "contextId": context.id})
+            del self.contexts[context.id]
+        self._check_finished()
+
+    def _check_finished(self) -> None:
+        if self.input_closed and not self.contexts:
+            self._finished.set()
+
+    async def _send_audio(self, data: bytes, context_id: str) -> None:
+        await self.send_json({"audio": base64.b64encode(data).decode("ascii"), "isFinal": None,
+                              "normalizedAlignment": None, "alignment": None, "contextId": context_id})
+
+    def buffered_chars(self) -> int:
+        return sum(c.session.buffered_chars for c in self.contexts.values())
+
+    def busy(self) -> bool:
+        return self.input_closed or any(not c.session.idle for c in self.contexts.values())
+
+    async def handle(self, message: dict) -> None:
+        if message.get("close_socket") is True:
+            self.input_closed = True
+            for context in self.contexts.values():
+                context.session.close()
+            self._check_finished()
+            return
+        text = message.get("text")
+        if message.get("close_context") is True:
+            context = self.contexts.pop(message.get("context_id") or self.DEFAULT, None)
+            if context is not None:  # barge-in: stop now, drop what it still had
+                await self._stop(context)
+                await self.send_json({"isFinal": True, "contextId": context.id})
+            self._check_finished()
+            return
+        if text is not None and not isinstance(text, str):
+            raise Refusal("invalid_message", "'text' must be a string.", 'Send {"text": "...", "context_id": "..."}.')
+        if text is None and message.get("flush") is not True:
+            raise Refusal("invalid_message", "A message needs 'text', 'flush', 'close_context' or 'close_socket'.",
+                          'Send {"text": "...", "context_id": "..."}.')
+        context = await self._context(message)
+        if text and text.strip():
+            self.feed(text, context.session)
+        if message.get("flush") is True:
+            context.session.flush()
+
+    async def _pump(self) -> None:
+        await self._finished.wait()
+        self.close_code = NORMAL
+
+    @staticmethod
+    async def _stop(context: _Context) -> None:
+        await context.session.aclose()  # the sentence being generated stops, its slot is freed
+        context.task.cancel()
+        await asyncio.gather(context.task, return_exceptions=True)
+        await context.out.aclose()
+
+    async def _cleanup(self, pump: asyncio.Task | None) -> None:
+        for context in list(self.contexts.values()):
+            await self._stop(context)
+        self.contexts.clear()
+        await super()._cleanup(pump)
+
+
 @router.websocket("/v1/text-to-speech/{voice_id}/stream-input")
 async def stream_input(websocket: WebSocket, voice_id: str) -> None:
     await ElevenLabsConnection(websocket, voice_id).serve()
+
+
+@router.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")
+async def multi_stream_input(websocket: WebSocket, voice_id: str) -> None:
+    await ElevenLabsMultiConnection(websocket, voice_id).serve()
