@@ -398,3 +398,20 @@ def test_a_long_speech_is_not_idle(limited_server: ServerProcess) -> None:
     conn, took = run(go())
     assert took > 1.5, f"the speech took only {took:.1f} s: it did not outlast the idle limit, nothing was tested"
     assert conn.events[-1]["sentences"] == 4
+
+
+def test_readme_example(server: ServerProcess, tmp_path: Path) -> None:
+    """The README's Python example, as written (only the server URL changed), speaks and ends with done."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M) if "/api/tts/ws" in b]
+    assert len(blocks) == 1
+    code = blocks[0].replace("ws://localhost:8000", ws_url(server, ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert '"type": "ready"' in out.stdout and '"type": "done"' in out.stdout, out.stdout
+    assert (tmp_path / "out.pcm").stat().st_size > 0

@@ -42,7 +42,8 @@ def tls_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     def ready() -> bool:
         assert srv.proc.poll() is None, srv.log()
         try:
-            return httpx.get(srv.url + "/ready", verify=str(cert), timeout=5).status_code == 200
+            return httpx.get(srv.url + "/ready", verify=ssl.create_default_context(cafile=str(cert)), timeout=5,
+                             headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         except httpx.HTTPError:
             return False
 
