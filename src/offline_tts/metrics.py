@@ -139,7 +139,7 @@ class Metrics:
                                      ["route"], registry=r)
         self.websocket_closes = Counter("tts_websocket_closes", "WebSocket connections ended, by close code "
                                         "(1000 normal, 1008 a limit or a bad message, 1009 a message too large, "
-                                        "1006 the client vanished)", ["route", "code"], registry=r)
+                                        "1005/1006 the client left without a close code or vanished)", ["route", "code"], registry=r)
         self.websocket_sentences = Counter("tts_websocket_sentences", "Sentences spoken on WebSocket connections",
                                            ["route"], registry=r)
         if service is not None:
