@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, ROOT, ServerProcess, make_clip
+from helpers import BIN, ROOT, ServerProcess, make_clip, wait_for
 
 REQUIRED = ("config.json", "model.pth", "vocab.json", "speakers_xtts.pth")
+_REAL_MODEL_FIXTURES = {"tiny_model_dir", "tiny_checkpoint", "server", "start_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is `unit`, `e2e` (it needs the real tiny model) or `browser`, so `pytest -m unit` runs the fast
+    layer alone. A test module may also mark itself (`pytestmark`)."""
+    for item in items:
+        if item.get_closest_marker("browser") or item.get_closest_marker("e2e") or item.get_closest_marker("unit"):
+            continue
+        real = _REAL_MODEL_FIXTURES & set(item.fixturenames)
+        item.add_marker(pytest.mark.e2e if real else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +75,33 @@ def make_client(tmp_path: Path):
         return TestClient(create_app(s, engine_factory=lambda: None), raise_server_exceptions=False)
 
     return make
+
+
+@pytest.fixture
+def fake_app(tmp_path: Path):
+    """The real app in-process on the fake engine (tests/fake_engine.py), started and ready:
+    fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). Closed at the end of the test."""
+    from fastapi.testclient import TestClient
+
+    from fake_engine import FakeEngine
+    from offline_tts.app import create_app
+    from offline_tts.config import Settings
+
+    opened = []
+
+    def make(engine: FakeEngine | None = None, voices: dict[str, float] | None = None, **settings):
+        engine = engine or FakeEngine()
+        s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model",
+                     **settings)
+        s.voices_dir.mkdir(parents=True, exist_ok=True)
+        for name, freq in (voices if voices is not None else {"ana": 220.0}).items():
+            make_clip(s.voices_dir / f"{name}.wav", seconds=6, freq=freq)
+        client = TestClient(create_app(s, engine_factory=lambda: engine), raise_server_exceptions=False)
+        client.__enter__()
+        opened.append(client)
+        wait_for(lambda: client.get("/ready").status_code == 200, "the fake engine to be ready", timeout=30)
+        return client, engine
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)

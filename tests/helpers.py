@@ -93,7 +93,7 @@ class ServerProcess:
         }
         self.proc: subprocess.Popen | None = None
 
-    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServerProcess:
+    def start(self, wait_ready: bool = True, timeout: float = 300) -> ServerProcess:  # ends once ready; a busy machine loads slowly
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen([str(BIN / "offline-tts"), "serve"], cwd=self.workdir, env=self.env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -101,7 +101,7 @@ class ServerProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

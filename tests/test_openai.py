@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 
 import httpx
@@ -127,6 +128,8 @@ def test_sse(client, reference_seconds, fmt):
     audio = b"".join(base64.b64decode(e["audio"], validate=True) for e in deltas)
     rate, seconds = decode(audio, fmt)
     assert rate == RATE and abs(seconds - reference_seconds) < 0.15
+    if fmt == "pcm":  # one XTTS audio token is 1024 samples at 22.05 kHz (not 1024 output samples at 24 kHz)
+        assert usage["output_tokens"] == math.ceil(len(audio) / 2 / RATE * 22_050 / 1024)
 
 
 def test_speed_is_applied(client):

@@ -16,7 +16,6 @@ from .api import voices as voices_api
 from .api.errors import install_error_handlers
 from .api.middleware import install_middleware
 from .config import Settings, get_settings
-from .errors import without_paths
 from .metrics import Metrics
 from .service import EngineFactory, TTSService
 
@@ -57,12 +56,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     async def lifespan(app: FastAPI):
         async def start() -> None:
             try:
-                if engine_factory is None:
-                    await prepare_model(settings)
-                await service.load()
+                await service.load(prepare=(lambda: prepare_model(settings)) if engine_factory is None else None)
                 log.info("TTS service online at http://%s:%d (docs: /docs, playground: /ui)", settings.host, settings.port)
-            except Exception as exc:
-                service.state, service.error = "failed", without_paths(str(exc))  # shown on /ready: no server paths
+            except Exception as exc:  # the service keeps the state and the message /ready shows
                 log.error("Model could not be loaded: %s", exc)
                 if app.state.on_fatal is not None:  # `offline-tts serve` stops: a server that can never be ready
                     app.state.on_fatal()
@@ -80,7 +76,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.settings = settings
     app.state.service = service
     app.state.on_fatal = None  # set by the CLI: what to do when the model cannot be loaded
-    app.state.metrics = Metrics(service)  # one registry per app: several apps in one process do not clash
+    app.state.metrics = Metrics(service.figures)  # one registry per app: several apps in one process do not clash
     install_error_handlers(app)
     install_middleware(app, settings, app.state.metrics)
     app.include_router(ops.router)

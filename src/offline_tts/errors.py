@@ -13,6 +13,7 @@ class TTSError(Exception):
     code = "bad_request"
     error_type = "invalid_request_error"  # OpenAI's error `type`
     param: str | None = None
+    retry_after: int | None = None  # seconds after which a retry may succeed (HTTP: the Retry-After header)
 
     def __init__(self, message: str, hint: str = "", *, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -20,10 +21,7 @@ class TTSError(Exception):
         self.hint = hint
         if param is not None:
             self.param = param
-        self.headers = headers or {}
-
-    def to_dict(self) -> dict:
-        return {"code": self.code, "message": self.message, "hint": self.hint}
+        self.headers = headers or {}  # set by the HTTP layer only (e.g. WWW-Authenticate)
 
 
 class InvalidText(TTSError):
@@ -84,12 +82,14 @@ class ModelNotReady(TTSError):
     status_code = 503
     code = "model_not_ready"
     error_type = "server_error"
+    retry_after = 5
 
 
 class Busy(TTSError):
     status_code = 503
     code = "busy"
     error_type = "server_error"
+    retry_after = 2
 
 
 class SynthesisFailed(TTSError):

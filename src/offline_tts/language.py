@@ -29,6 +29,11 @@ _TAG = re.compile(r"[a-z]{2,3}(-[a-z0-9]{1,8})*")  # a BCP 47 language tag's sha
 _load_lock = threading.Lock()
 
 
+def primary(code: str) -> str:
+    """The primary subtag: "zh-cn" -> "zh", "es" -> "es" (what tokenizers and text rules are keyed by)."""
+    return code.split("-")[0].lower()
+
+
 def normalize(code: str | None, supported: Sequence[str], *, allow_auto: bool = True) -> str:
     """The model's code for `code` ("zh" / "zh-CN" / "zh_Hans" -> "zh-cn", "es-ES" -> "es"), or AUTO.
 
@@ -39,8 +44,7 @@ def normalize(code: str | None, supported: Sequence[str], *, allow_auto: bool = 
         return AUTO
     if text in supported:
         return text
-    primary = text.split("-")[0]
-    matches = [lang for lang in supported if lang.split("-")[0] == primary]
+    matches = [lang for lang in supported if primary(lang) == primary(text)]
     if _TAG.fullmatch(text) and len(matches) == 1:
         return matches[0]
     choices = ", ".join(supported) + (f", or {AUTO} to detect it from the text" if allow_auto else "")
@@ -53,7 +57,7 @@ def _identifier(languages: tuple[str, ...]):
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
     identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    identifier.set_languages(sorted({lang.split("-")[0] for lang in languages}))
+    identifier.set_languages(sorted({primary(lang) for lang in languages}))
     return identifier
 
 

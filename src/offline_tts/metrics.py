@@ -1,28 +1,21 @@
-"""Prometheus metrics, and the per-request record that feeds them and the access log.
+"""Prometheus metrics, fed by the per-request records (telemetry.py) and the service's published figures.
 
 Each app gets its own `CollectorRegistry`, so several apps in one process (tests) never clash.
 Figures the service already keeps (queue, workers, voice cache, model load time) are read when
 /metrics is scraped, through a collector, instead of being copied on every change.
-
-The request record travels in a context variable: the HTTP middleware opens one per request and the
-service fills it in (voice, language, characters, synthesis stats) without knowing about HTTP.
 """
 
 from __future__ import annotations
 
-import contextvars
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .service import Stats, TTSService
+from .telemetry import RequestRecord, ServiceFigures
 
 # Buckets in seconds: first audio is expected well under a second on a GPU, whole texts take longer.
 _TTFA_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -31,97 +24,48 @@ _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
-@dataclass
-class RequestRecord:
-    """What one request did, for its log line and the metrics (filled in as it goes)."""
-
-    request_id: str
-    voice: str | None = None
-    language: str | None = None
-    characters: int | None = None
-    stats: Stats | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def audio_seconds(self) -> float | None:
-        if self.stats is None or not self.stats.audio_samples:
-            return None
-        return self.stats.audio_samples / self.stats.sample_rate
-
-
-_current: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("tts_request", default=None)
-
-
-def current_record() -> RequestRecord | None:
-    return _current.get()
-
-
-def start_record(request_id: str) -> tuple[RequestRecord, contextvars.Token]:
-    record = RequestRecord(request_id)
-    return record, _current.set(record)
-
-
-def end_record(token: contextvars.Token) -> None:
-    _current.reset(token)
-
-
-def note(**fields: Any) -> None:
-    """Attach facts to the current request's record (no-op outside a request, e.g. warm-up)."""
-    record = _current.get()
-    if record is None:
-        return
-    for key, value in fields.items():
-        if hasattr(record, key) and key != "extra":
-            setattr(record, key, value)
-        else:
-            record.extra[key] = value
-
-
 class _ServiceCollector(Collector):
-    """Reads the service's live figures at scrape time."""
+    """Reads the figures the service publishes, at scrape time."""
 
-    def __init__(self, service: TTSService):
-        self.service = service
+    def __init__(self, figures: Callable[[], ServiceFigures]):
+        self.figures = figures
 
     def collect(self) -> Iterator:
-        service = self.service
-        pool = service.pool
-        yield GaugeMetricFamily("tts_model_ready", "1 when the model is loaded and warm", value=1.0 if service.ready else 0.0)
+        f = self.figures()
+        yield GaugeMetricFamily("tts_model_ready", "1 when the model is loaded and warm", value=1.0 if f.ready else 0.0)
         load = GaugeMetricFamily("tts_model_load_seconds", "Time to load and warm up the model replicas")
-        if service.load_seconds is not None:
-            load.add_metric([], service.load_seconds)
+        if f.load_seconds is not None:
+            load.add_metric([], f.load_seconds)
         yield load
-        yield GaugeMetricFamily("tts_workers", "Model replicas", value=pool.size if pool else 0)
-        yield GaugeMetricFamily("tts_workers_busy", "Model replicas with work right now", value=pool.busy if pool else 0)
-        yield GaugeMetricFamily("tts_batch_slots", "Sentences the replicas can decode together",
-                                value=pool.capacity if pool else 0)
+        yield GaugeMetricFamily("tts_workers", "Model replicas", value=f.workers)
+        yield GaugeMetricFamily("tts_workers_busy", "Model replicas with work right now", value=f.workers_busy)
+        yield GaugeMetricFamily("tts_batch_slots", "Sentences the replicas can decode together", value=f.batch_slots)
         yield GaugeMetricFamily("tts_batch_slots_busy", "Sentences being decoded right now (all replicas)",
-                                value=pool.busy_slots if pool else 0)
-        steps, rows = pool.batch_steps if pool else (0, 0)
-        yield CounterMetricFamily("tts_batch_steps", "Batched GPT decode steps run", value=steps)
+                                value=f.batch_slots_busy)
+        yield CounterMetricFamily("tts_batch_steps", "Batched GPT decode steps run", value=f.batch_steps)
         yield CounterMetricFamily("tts_batch_rows", "Sentences decoded in those steps (rows / steps: the mean batch size)",
-                                  value=rows)
-        yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=pool.waiting if pool else 0)
+                                  value=f.batch_rows)
+        yield GaugeMetricFamily("tts_queue_depth", "Sentences waiting for a free slot", value=f.queue_depth)
         yield GaugeMetricFamily("tts_requests_in_progress",
                                 "Admitted requests that use the model (syntheses, uploads, default voice changes), running or waiting",
-                                value=pool.admitted if pool else 0)
+                                value=f.requests_in_progress)
         dropped = CounterMetricFamily("tts_streams_dropped", "Streams dropped because their client stopped reading",
                                       labels=["reason"])
-        for reason, count in sorted(service.streams_dropped.items()):
+        for reason, count in sorted(f.streams_dropped.items()):
             dropped.add_metric([reason], count)
         yield dropped
-        yield GaugeMetricFamily("tts_queue_limit", "Requests allowed to wait before 503", value=service.settings.max_queue)
-        cache = service.cache
-        yield CounterMetricFamily("tts_voice_cache_hits", "Voice conditioning found in the cache (memory or disk)", value=cache.hits)
+        yield GaugeMetricFamily("tts_queue_limit", "Requests allowed to wait before 503", value=f.queue_limit)
+        yield CounterMetricFamily("tts_voice_cache_hits", "Voice conditioning found in the cache (memory or disk)",
+                                  value=f.cache_hits)
         yield CounterMetricFamily("tts_voice_cache_disk_hits", "Voice conditioning loaded from the disk cache",
-                                  value=getattr(cache, "disk_hits", 0))
-        yield CounterMetricFamily("tts_voice_cache_misses", "Voice conditioning computed from the clips", value=cache.misses)
+                                  value=f.cache_disk_hits)
+        yield CounterMetricFamily("tts_voice_cache_misses", "Voice conditioning computed from the clips", value=f.cache_misses)
 
 
 class Metrics:
     """The metrics of one app."""
 
-    def __init__(self, service: TTSService | None = None):
+    def __init__(self, figures: Callable[[], ServiceFigures] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tts_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r)
@@ -142,8 +86,8 @@ class Metrics:
                                         "1005/1006 the client left without a close code or vanished)", ["route", "code"], registry=r)
         self.websocket_sentences = Counter("tts_websocket_sentences", "Sentences spoken on WebSocket connections",
                                            ["route"], registry=r)
-        if service is not None:
-            r.register(_ServiceCollector(service))
+        if figures is not None:
+            r.register(_ServiceCollector(figures))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float, record: RequestRecord | None) -> None:
         self.requests.labels(method, route, str(status)).inc()

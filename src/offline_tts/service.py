@@ -1,8 +1,8 @@
 """The synthesis service: turns a request (text, voice, language) into audio using the engine pool
 (the replicas' schedulers, which batch the sentences of concurrent requests).
 
-It owns the model lifecycle (download, load, warm-up), validation of text/voice/language, the voice
-cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
+It owns the model's lifecycle state (loading, warm-up, ready or failed; the app supplies the download
+step), validation of text/voice/language, the voice cache and the defaults. HTTP routers call it; it knows nothing about HTTP.
 """
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import language as languages
-from . import metrics
+from . import telemetry
 from . import text as text_utils
 from .config import Settings
 from .defaults import Defaults, DefaultsStore
@@ -36,15 +37,18 @@ from .errors import (
     TextTooLong,
     TTSError,
     UnsupportedLanguage,
+    VoiceNotFound,
     without_paths,
 )
 from .speech_session import SpeechSession
 from .stream_guard import REASONS, StreamGuard
+from .telemetry import ServiceFigures, Stats
 from .voice_cache import VoiceCache
 from .voices import Voice, VoiceStore
 
 log = logging.getLogger(__name__)
 
+OPENAI_VOICES = frozenset("alloy ash ballad cedar coral echo fable marin nova onyx sage shimmer verse".split())
 PAUSE_SECONDS = 0.25  # the audio of a text with nothing to speak
 
 EngineFactory = Callable[[], SpeechEngine]
@@ -60,6 +64,7 @@ class SynthesisJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     on_release: Callable[[], None] | None = None
     guard: StreamGuard | None = None  # bounds a stream whose client stops reading
+    stats: Stats = field(default_factory=Stats)  # its figures, for the caller, logs and metrics
 
     def release(self) -> None:
         """Give the request's place in the pool back (idempotent)."""
@@ -67,17 +72,6 @@ class SynthesisJob:
         callback, self.on_release = self.on_release, None
         if callback is not None:
             callback()
-
-
-@dataclass
-class Stats:
-    """Per-request figures for logs and metrics."""
-
-    first_audio_s: float | None = None
-    audio_samples: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    finished: float | None = None
-    sample_rate: int = 24_000
 
 
 @contextlib.contextmanager
@@ -110,10 +104,18 @@ class TTSService:
         self.streams_dropped: Counter[str] = Counter({reason: 0 for reason in REASONS})  # by reason, for /metrics
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def load(self) -> None:
-        """Load one replica per worker (in threads, off the event loop) and warm them up."""
+    async def load(self, prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`prepare()` first (the app's: download the model files if missing), then load one replica per worker
+        (in threads, off the event loop) and warm them up. A failure is kept in `state`/`error` (shown on /ready,
+        without server paths) and raised."""
         self.state = "loading"
         started = time.perf_counter()
+        if prepare is not None:
+            try:
+                await prepare()
+            except Exception as exc:
+                self.state, self.error = "failed", without_paths(str(exc))
+                raise
         # Nothing uses the cache before the model is ready: drop what no voice needs any more.
         try:
             if pruned := await asyncio.to_thread(self.cache.prune):
@@ -162,8 +164,7 @@ class TTSService:
         if self.pool is None or not self.ready:
             detail = f" ({self.error})" if self.error else ""
             raise ModelNotReady(f"The model is not loaded yet: {self.state}{detail}.",
-                                "Wait until GET /ready answers 200, then retry; check the server log.",
-                                headers={"Retry-After": "5"})
+                                "Wait until GET /ready answers 200, then retry; check the server log.")
         return self.pool
 
     @property
@@ -173,6 +174,24 @@ class TTSService:
     @property
     def languages(self) -> tuple[str, ...]:
         return self.engine.languages
+
+    @property
+    def sample_rate(self) -> int:
+        """Of the audio the service produces."""
+        return self.engine.sample_rate
+
+    @property
+    def model_id(self) -> str | None:
+        """The loaded model's id (what the voice cache is keyed by); None until it is ready."""
+        return self.pool.engines[0].model_id if self.ready and self.pool else None
+
+    def audio_tokens(self, samples: int) -> int:
+        """Audio tokens the model generated for `samples` of output (rounded up)."""
+        return math.ceil(samples * self.engine.audio_tokens_per_second / self.sample_rate)
+
+    @property
+    def workers(self) -> int:
+        return self.pool.size if self.pool else 0
 
     # -- validation -------------------------------------------------------------------------------
     def check_text(self, text: str | None) -> str:
@@ -253,6 +272,34 @@ class TTSService:
                           f"Pass 'voice_sample' (available: {available}) or set a default with POST /api/config.")
         return self.voices.resolve(name)
 
+    def voice_for_openai_name(self, name: str) -> str | None:
+        """The voice an OpenAI client's `voice` means (None: the default voice): a voice of this service wins;
+        else TTS_OPENAI_VOICE_MAP's mapping; else an OpenAI voice name ("alloy") is the default voice or, with
+        none set, the first voice by name (predictable), so clients whose default is `alloy` (Home Assistant's
+        key check, SillyTavern, pipecat) hear a real voice."""
+        try:
+            self.voices.resolve(name)
+            return name
+        except VoiceNotFound:
+            key = name.lower()
+            mapped = self.settings.openai_voice_map.get(key) or self.settings.openai_voice_map.get(name)
+            if mapped:
+                try:
+                    self.voices.resolve(mapped)
+                except VoiceNotFound as exc:
+                    exc.hint = f"TTS_OPENAI_VOICE_MAP maps {name!r} to {mapped!r}, which does not exist. " + exc.hint
+                    raise
+                return mapped
+            if key not in OPENAI_VOICES:
+                raise
+            if self.defaults.current.voice_sample:
+                return None
+            if not (names := self.voices.names()):
+                raise NoVoice(f"{name!r} is an OpenAI voice name, and this server has no voice yet.",
+                              "Add a voice (POST /api/voices, or a clip in the voices directory), then map OpenAI "
+                              "names with TTS_OPENAI_VOICE_MAP or set a default voice (POST /api/config).") from None
+            return min(names)
+
     async def conditioning(self, voice: Voice) -> Conditioning:
         pool = self.require_pool()
         return await self.cache.get(voice, pool.engines[0], pool.run)
@@ -265,7 +312,7 @@ class TTSService:
         resolved = self.resolve_voice(voice)
         lang = await self.resolve_language(text, requested, resolved)
         sentences = await asyncio.to_thread(self.prepare_sentences, text, lang)  # fails here, before any 200
-        metrics.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
+        telemetry.note(voice=resolved.name, language=lang, characters=len(text))  # for the access log and /metrics
         async with self.admission() as place:
             conditioning = await self.conditioning(resolved)
             job = SynthesisJob(sentences, lang, resolved, conditioning, speed, on_release=place.hand_over())
@@ -288,18 +335,18 @@ class TTSService:
 
     def _stream_dropped(self, reason: str) -> None:
         self.streams_dropped[reason] += 1
-        record = metrics.current_record()
-        metrics.note(dropped=reason)  # in the request's access-log line
+        record = telemetry.current_record()
+        telemetry.note(dropped=reason)  # in the request's access-log line
         why = {"buffer": f"more than {self.settings.stream_max_buffer_seconds:g} s of audio waited unread",
                "stall": f"the client took no data for {self.settings.stream_stall_seconds:g} s"}[reason]
         log.warning("Stream dropped (request %s): %s; its slot and place are free for others",
                     record.request_id if record else "-", why)
 
     # -- synthesis --------------------------------------------------------------------------------
-    async def stream(self, job: SynthesisJob, stats: Stats | None = None) -> AsyncIterator[np.ndarray]:
-        """Audio chunks (float32, engine sample rate) as they are generated, sentence after sentence."""
-        pool = self.require_pool()
-        stats = self._track(stats, pool)
+    async def stream(self, job: SynthesisJob) -> AsyncIterator[np.ndarray]:
+        """Audio chunks (float32, `sample_rate`) as they are generated, sentence after sentence; the figures
+        go to `job.stats`."""
+        stats = self._track(job)
         guard = job.guard
         made = guard.made if guard is not None else None  # too much waiting unread: the stream is dropped
         try:
@@ -345,9 +392,10 @@ class TTSService:
             conditioning = await self.conditioning(resolved)
         return SpeechSession(self, resolved, conditioning, lang, detect, speed, clause_chars)
 
-    async def synthesize(self, job: SynthesisJob, stats: Stats | None = None) -> np.ndarray:
+    async def synthesize(self, job: SynthesisJob) -> np.ndarray:
+        """The whole audio (float32, `sample_rate`); the figures go to `job.stats`."""
         pool = self.require_pool()
-        stats = self._track(stats, pool)
+        stats = self._track(job)
         parts = []
         try:
             with engine_faults():
@@ -366,13 +414,24 @@ class TTSService:
         stats.audio_samples = len(result)
         return result
 
-    @staticmethod
-    def _track(stats: Stats | None, pool: EnginePool[SpeechEngine]) -> Stats:
-        """The request's stats (new if the caller passed none), attached to its record for logs and metrics."""
-        stats = stats if stats is not None else Stats()
-        stats.sample_rate = pool.engines[0].sample_rate
-        metrics.note(stats=stats)
+    def _track(self, job: SynthesisJob) -> Stats:
+        """The job's figures, from now, attached to the request's record for logs and metrics."""
+        stats = job.stats
+        stats.started, stats.sample_rate = time.perf_counter(), self.sample_rate
+        telemetry.note(stats=stats)
         return stats
+
+    def figures(self) -> ServiceFigures:
+        """What /metrics shows about the service, read at scrape time."""
+        pool, cache = self.pool, self.cache
+        steps, rows = pool.batch_steps if pool else (0, 0)
+        return ServiceFigures(
+            ready=self.ready, load_seconds=self.load_seconds, workers=self.workers,
+            workers_busy=pool.busy if pool else 0, batch_slots=pool.capacity if pool else 0,
+            batch_slots_busy=pool.busy_slots if pool else 0, batch_steps=steps, batch_rows=rows,
+            queue_depth=pool.waiting if pool else 0, requests_in_progress=pool.admitted if pool else 0,
+            queue_limit=self.settings.max_queue, streams_dropped=dict(self.streams_dropped),
+            cache_hits=cache.hits, cache_disk_hits=cache.disk_hits, cache_misses=cache.misses)
 
     # -- defaults ---------------------------------------------------------------------------------
     async def set_defaults(self, voice: str | None = None, language: str | None = None,

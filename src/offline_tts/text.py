@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from .language import primary
+
 _SPACE = re.compile(r"\s+")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # only lone ones survive JSON decoding; UTF-8 cannot encode them
 
@@ -79,7 +81,7 @@ class SentenceSplitter:
     def __init__(self, language: str, max_chars: int, clause_chars: int = 0):
         if max_chars < 1:
             raise ValueError("max_chars must be at least 1")
-        base = language.split("-")[0].lower()
+        base = primary(language)
         self.max_chars = max_chars
         self.clause_chars = clause_chars  # > 0: a piece this long ends at its next clause break (text in pieces)
         self._abbreviations = _SHARED_ABBREVIATIONS | _ABBREVIATIONS.get(base, set())

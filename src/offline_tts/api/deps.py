@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from ..config import Settings
 from ..service import TTSService
 
 
 def get_service(request: Request) -> TTSService:
     return request.app.state.service
 
-
-def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings

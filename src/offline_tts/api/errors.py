@@ -23,9 +23,16 @@ def error_body(message: str, code: str, *, error_type: str = "invalid_request_er
     return {"error": {"message": message, "type": error_type, "param": param, "code": code, "hint": hint}}
 
 
+def error_headers(exc: TTSError) -> dict[str, str]:
+    headers = dict(exc.headers)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return headers
+
+
 def error_response(exc: TTSError) -> JSONResponse:
     body = error_body(exc.message, exc.code, error_type=exc.error_type, param=exc.param, hint=exc.hint)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(body, status_code=exc.status_code, headers=error_headers(exc))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

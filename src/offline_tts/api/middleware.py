@@ -28,7 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from ..errors import Unauthorized
-from ..metrics import Metrics, end_record, start_record
+from ..metrics import Metrics
+from ..telemetry import end_record, start_record
 from .errors import error_body, error_response
 
 access_log = logging.getLogger("offline_tts.access")

@@ -19,24 +19,22 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import encoders, metrics
-from ..errors import InvalidText, NoVoice, TTSError, VoiceNotFound
-from ..service import Stats, SynthesisJob, TTSService
+from .. import encoders, telemetry
+from ..errors import InvalidText, TTSError
+from ..service import SynthesisJob, TTSService
 from .deps import get_service
 from .errors import error_body
-from .native import AudioStreamResponse, encoded_stream
+from .responses import AudioStreamResponse, encoded_stream
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
 
 # OpenAI's own voice names: clients with a fixed list send these. Mapped by TTS_OPENAI_VOICE_MAP;
 # a name left out of the map speaks in the default voice (POST /api/config), else in the first voice by name.
-OPENAI_VOICES = frozenset("alloy ash ballad cedar coral echo fable marin nova onyx sage shimmer verse".split())
 # Every model name OpenAI's speech API accepts (listed on /v1/models), and any dated snapshot of a family.
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "tts-1-1106", "tts-1-hd-1106",
                  "gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15")
 _SNAPSHOT = re.compile(r"(tts-1|tts-1-hd|gpt-4o-mini-tts)-\d{4}-\d{2}-\d{2}")
-_SAMPLES_PER_AUDIO_TOKEN = 1024  # XTTS: one GPT audio token is 1024 output samples (for `usage`)
 
 
 class InvalidParameter(TTSError):
@@ -89,41 +87,15 @@ def resolve_voice(voice: str | dict[str, Any] | None, service: TTSService) -> st
         voice = voice.get("id")
     if not isinstance(voice, str) or not voice.strip():
         raise InvalidParameter("'voice' is required.", "Name a voice from GET /v1/audio/voices.", param="voice")
-    voice = voice.strip()
-    try:
-        service.voices.resolve(voice)
-        return voice  # a voice of this service wins over an OpenAI name
-    except VoiceNotFound:
-        key = voice.lower()
-        mapped = service.settings.openai_voice_map.get(key) or service.settings.openai_voice_map.get(voice)
-        if mapped:
-            try:
-                service.voices.resolve(mapped)
-            except VoiceNotFound as exc:
-                exc.hint = f"TTS_OPENAI_VOICE_MAP maps {voice!r} to {mapped!r}, which does not exist. " + exc.hint
-                raise
-            return mapped
-        if key in OPENAI_VOICES:
-            return None if service.defaults.current.voice_sample else stand_in_voice(voice, service)
-        raise
-
-
-def stand_in_voice(openai_name: str, service: TTSService) -> str:
-    """An unmapped OpenAI name with no default voice: the first voice by name (predictable), so clients
-    whose default is `alloy` (Home Assistant's key check, SillyTavern, pipecat) hear a real voice."""
-    names = service.voices.names()
-    if not names:
-        raise NoVoice(f"{openai_name!r} is an OpenAI voice name, and this server has no voice yet.",
-                      "Add a voice (POST /api/voices, or a clip in the voices directory), then map OpenAI names with "
-                      "TTS_OPENAI_VOICE_MAP or set a default voice (POST /api/config).") from None
-    return min(names)
+    return service.voice_for_openai_name(voice.strip())
 
 
 def _sse(event: dict) -> bytes:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
 
-async def _audio_events(data: AsyncIterator[bytes], text: str, stats: Stats) -> AsyncIterator[bytes]:
+async def _audio_events(data: AsyncIterator[bytes], text: str, job: SynthesisJob, service: TTSService,
+                        ) -> AsyncIterator[bytes]:
     """`speech.audio.delta` events (base64 audio of the asked format), then `speech.audio.done`."""
     try:
         async with contextlib.aclosing(data):
@@ -135,7 +107,7 @@ async def _audio_events(data: AsyncIterator[bytes], text: str, stats: Stats) -> 
         yield _sse({"type": "error", **error_body(message, code, error_type="server_error")})
         return
     input_tokens = len(text.split())
-    output_tokens = -(-stats.audio_samples // _SAMPLES_PER_AUDIO_TOKEN)
+    output_tokens = service.audio_tokens(job.stats.audio_samples)
     yield _sse({"type": "speech.audio.done", "usage": {
         "input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens}})
 
@@ -154,13 +126,12 @@ async def create_speech(body: SpeechRequest, service: TTSService = Depends(get_s
                                param="stream_format")
     speed = check_speed(body.speed)
     voice = resolve_voice(body.voice, service)
-    sample_rate = service.engine.sample_rate
-    metrics.note(format=fmt.name)
+    sample_rate = service.sample_rate
+    telemetry.note(format=fmt.name)
     job: SynthesisJob = await service.prepare(body.input, voice, body.language, speed)
-    stats = Stats()
-    data = encoders.encode(service.stream(job, stats), fmt, sample_rate, stop=job.release)
+    data = encoders.encode(service.stream(job), fmt, sample_rate, stop=job.release)
     if stream_format == "sse":
-        return AudioStreamResponse(_audio_events(data, body.input, stats), job, media_type="text/event-stream",
+        return AudioStreamResponse(_audio_events(data, body.input, job, service), job, media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return AudioStreamResponse(encoded_stream(data), job, media_type=fmt.media_type,
                                headers={"X-Accel-Buffering": "no"})

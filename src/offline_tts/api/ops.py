@@ -24,10 +24,8 @@ async def ready(service: TTSService = Depends(get_service)) -> Response:
     if not service.ready:
         detail = f" ({service.error})" if service.error else ""
         return error_response(ModelNotReady(f"The model is not ready: {service.state}{detail}.",
-                                            "Wait and retry; a failed load is explained in the server log.",
-                                            headers={"Retry-After": "5"}))
-    pool = service.pool
-    return JSONResponse({"status": "ready", "model": service.state, "workers": pool.size if pool else 0,
+                                            "Wait and retry; a failed load is explained in the server log."))
+    return JSONResponse({"status": "ready", "model": service.state, "workers": service.workers,
                          "load_seconds": round(service.load_seconds or 0.0, 3)})
 
 

@@ -67,7 +67,7 @@ def describe(voice: Voice, store: VoiceStore, service: TTSService) -> dict:
         info = _probe_cached(path)
         (errors if isinstance(info, str) else infos).append(info)
     first = infos[0] if infos else None
-    model_id = service.pool.engines[0].model_id if service.ready and service.pool else None
+    model_id = service.model_id
     item = {
         "name": voice.name,
         "files": [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name for p in voice.files],

@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketState
 
-from .. import audio, encoders, metrics
+from .. import audio, encoders, telemetry
 from ..config import Settings
 from ..encoders import AudioFormat
 from ..errors import TTSError
 from ..metrics import Metrics
-from ..service import Stats, TTSService
+from ..service import TTSService
+from ..telemetry import Stats
 from ..speech_session import Cancelled, SentenceDone, SentenceFailed, SentenceStarted, SpeechSession
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class SpeechConnection:
     async def open_session(self, voice: str | None, language: str | None, speed: float, fmt: AudioFormat) -> None:
         self.session = await self.service.open_session(voice, language, speed, self.settings.ws_clause_chars)
         self.out = AudioOut(fmt, self.service.engine.sample_rate, self.deliver)
-        metrics.note(voice=self.session.voice.name, language=self.session.language)
+        telemetry.note(voice=self.session.voice.name, language=self.session.language)
 
     def feed(self, text: str, session: SpeechSession | None = None) -> None:
         if self.input_closed:
@@ -343,7 +344,7 @@ class SpeechConnection:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
         self.close_code = refusal.close_code
-        metrics.note(error=refusal.code)
+        telemetry.note(error=refusal.code)
         with contextlib.suppress(ClientGone):
             await self.send_json(self.error_message(refusal))
         with contextlib.suppress(Exception):
@@ -358,12 +359,12 @@ class SpeechConnection:
         session = self.session
         if session is not None:
             await session.aclose()  # stops the sentence being generated, frees the slot and the place
-            metrics.note(sentences=session.sentences_spoken)
-        metrics.note(characters=self.characters or None)
+            telemetry.note(sentences=session.sentences_spoken)
+        telemetry.note(characters=self.characters or None)
         if self.stats is not None:
             self.stats.finished = time.perf_counter()
-            metrics.note(stats=self.stats)
-        metrics.note(close_code=self.close_code)
+            telemetry.note(stats=self.stats)
+        telemetry.note(close_code=self.close_code)
         if self.metrics is not None:  # before the close: a client that saw it finds it counted
             self.metrics.websockets_open.labels(self.route).dec()
             self.metrics.websocket_closes.labels(self.route, str(self.close_code)).inc()

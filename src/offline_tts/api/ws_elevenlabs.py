@@ -20,7 +20,7 @@ import math
 
 from fastapi import APIRouter, WebSocket
 
-from .. import metrics
+from .. import telemetry
 from ..encoders import AudioFormat
 from ..errors import UnsupportedFormat
 from ..speech_session import SpeechSession
@@ -165,7 +165,7 @@ class ElevenLabsMultiConnection(ElevenLabsConnection):
                               "Close contexts you no longer need (close_context).")
             session = await self.service.open_session(self.voice_id, self._language, self._speed,
                                                       self.settings.ws_clause_chars)
-            metrics.note(voice=session.voice.name, language=session.language)
+            telemetry.note(voice=session.voice.name, language=session.language)
             self.session = self.session or session  # the first one: what the base class reports
             context = _Context(context_id, session, None)
             context.out = AudioOut(self._fmt, self.service.engine.sample_rate,

@@ -6,14 +6,14 @@ that: `stream` yields one sentence's audio chunks, `run` runs a function on a re
 
 Admission bounds the work in the house: up to `workers * max_batch` requests run at once (one sentence
 of each in a slot) and `max_queue` more may wait for a slot; beyond that a request is refused at once
-(the HTTP layer answers 503 + Retry-After) instead of piling up. A request keeps its place while it
+(Busy, with a retry delay: the HTTP layer answers 503 + Retry-After) instead of piling up. A request keeps its place while it
 streams; its sentences take a slot one at a time, each leaving it the moment it is generated (a client
 that reads slowly holds the audio already made, not a slot).
 
 Room to grow: the unit of work is a sentence with a `deliver` callback, not a request, so text that
-arrives in pieces submits each sentence when the splitter completes it (nothing here changes), and a
-second engine only needs a replica object with the same `submit(SentenceJob)` / `call(fn)` (its own
-batching, or none) for the pool to admit, place and stream for it.
+arrives in pieces submits each sentence when the splitter completes it (speech_session.py), and an engine
+that cannot batch (`batched = False`) runs on a `SequentialRunner` (engine/sequential.py) with the same
+`submit(SentenceJob)` / `call(fn)`, so the pool admits, places and streams for it unchanged.
 """
 
 from __future__ import annotations
@@ -22,16 +22,29 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 
 from ..errors import Busy
 from .base import Conditioning, StreamPlan
-from .scheduler import DONE, Scheduler, SentenceJob
+from .jobs import DONE, SentenceJob
+from .sequential import SequentialRunner
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 E = TypeVar("E")
 T = TypeVar("T")
+
+
+def replica(engine, max_batch: int, name: str) -> Scheduler | SequentialRunner:
+    """The thread that runs one engine replica: the batching scheduler when the engine supports it."""
+    if not engine.batched:
+        return SequentialRunner(engine, name=name)
+    from .scheduler import Scheduler  # torch: imported only for an engine that uses it
+
+    return Scheduler(engine, max_batch, name=name)
 
 
 class Place:
@@ -59,7 +72,7 @@ class EnginePool(Generic[E]):
         self.engines = engines
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self.schedulers = [Scheduler(engine, max_batch, name=f"replica-{i}") for i, engine in enumerate(engines)]
+        self.schedulers = [replica(engine, max_batch, f"replica-{i}") for i, engine in enumerate(engines)]
         self.admitted = 0  # requests in the house (running or waiting)
 
     @property
@@ -69,7 +82,7 @@ class EnginePool(Generic[E]):
     @property
     def capacity(self) -> int:
         """Requests that run at once (one slot each)."""
-        return self.size * self.max_batch
+        return sum(s.max_batch for s in self.schedulers)
 
     @property
     def busy(self) -> int:
@@ -96,7 +109,6 @@ class EnginePool(Generic[E]):
             raise Busy(
                 f"The server is busy ({self.admitted} requests running or queued).",
                 "Retry in a few seconds, or raise TTS_MAX_BATCH / TTS_WORKERS / TTS_MAX_QUEUE.",
-                headers={"Retry-After": "2"},
             )
         self.admitted += 1
         return Place(self)

@@ -28,38 +28,21 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .base import Conditioning, StreamPlan
 from .batching import BatchedGpt, Sampling, default_max_len
+from .jobs import DONE, SentenceJob
 from .streaming import ChunkDecoder
 
 log = logging.getLogger(__name__)
-
-DONE = object()  # the last item delivered for a sentence that ended normally (or was cancelled)
 
 # Prefix tokens prefilled per loop turn while other sentences decode. A full-size prefix is ~100-450 tokens,
 # so a joining sentence is ready within a few steps, and each of those steps costs the running streams
 # about what a 64-token forward costs (measured in bench/batching_bench.py).
 PREFILL_TOKENS = 64
-
-
-@dataclass
-class SentenceJob:
-    """One sentence of one request, as the scheduler runs it."""
-
-    text: str  # already prepared by the engine (`prepare_text`)
-    language: str
-    conditioning: Conditioning
-    deliver: Callable[[Any], None]  # gets each float32 chunk, then DONE, or an exception
-    speed: float = 1.0
-    plan: StreamPlan | None = None  # None: the whole sentence in one chunk, decoded in one go
-    cancel: threading.Event = field(default_factory=threading.Event)
-    seed: int | None = None
 
 
 def slot_length(engine) -> int:

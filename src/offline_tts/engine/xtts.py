@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidText
+from ..language import primary
 from ..text import split_sentences
 from .base import Conditioning, StreamPlan
 from .batching import sentence_prefix
@@ -102,6 +103,8 @@ def _fold_weight_norm(module: torch.nn.Module) -> None:
 
 class XttsEngine:
     conditioning_sample_rate = 22_050
+    batched = True  # the pool runs it on the batching Scheduler
+    audio_tokens_per_second = 22_050 / 1024  # one GPT audio token: 1024 samples of the 22.05 kHz mel frames
 
     def __init__(
         self,
@@ -158,7 +161,7 @@ class XttsEngine:
 
     # -- text -------------------------------------------------------------------------------------
     def char_limit(self, language: str) -> int:
-        return self.model.tokenizer.char_limits.get(language.split("-")[0], 250)
+        return self.model.tokenizer.char_limits.get(primary(language), 250)
 
     def prepare_text(self, text: str, language: str) -> list[str]:
         """One sentence as the pieces this model will speak, each one its tokenizer accepts.
@@ -167,7 +170,7 @@ class XttsEngine:
         tokens (very long ones always: digit by digit); text that grew past the character limit is split
         again; pieces with nothing to say (punctuation, symbols) are dropped. Raises InvalidText when the
         text cannot be read or is still too long for the model."""
-        lang = language.split("-")[0]
+        lang = primary(language)
         everything = spell_numbers(text, lang, ALL)
         error: Exception | None = None
         for which in (LONG, UNSAYABLE, ALL):  # spelling out more and more numbers
@@ -186,7 +189,7 @@ class XttsEngine:
 
     def _spoken_pieces(self, text: str, language: str) -> list[str]:
         """`text` in pieces within the character limit, checked by the tokenizer; raises what it raises."""
-        lang, limit = language.split("-")[0], self.char_limit(language)
+        lang, limit = primary(language), self.char_limit(language)
         pieces = [text] if len(text) <= limit else split_sentences(text, language, limit)
         spoken = []
         for piece in pieces:
@@ -202,7 +205,7 @@ class XttsEngine:
         """The sentence's text tokens, or InvalidText when the model cannot take that many. The tokenizer
         has its own lock: text preparation in other threads must not wait for a generation."""
         with self._text_lock:
-            ids = self.model.tokenizer.encode(text.strip().lower(), lang=language.split("-")[0])
+            ids = self.model.tokenizer.encode(text.strip().lower(), lang=primary(language))
         limit = self.model.args.gpt_max_text_tokens
         if len(ids) >= limit:
             raise InvalidText(f"A sentence is too long for the model ({len(ids)} text tokens, the limit is {limit - 1}).",
