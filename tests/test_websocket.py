@@ -238,6 +238,7 @@ MALFORMED = {
     "unknown type": (json.dumps(start()), json.dumps({"type": "speak"}), "invalid_message", 1008),
     "text not a string": (json.dumps(start()), json.dumps({"type": "text", "text": 5}), "invalid_message", 1008),
     "start twice": (json.dumps(start()), json.dumps(start()), "invalid_message", 1008),
+    "flush with fields": (json.dumps(start()), json.dumps({"type": "flush", "now": True}), "invalid_message", 1008),
 }
 
 

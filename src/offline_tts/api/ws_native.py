@@ -73,7 +73,9 @@ class NativeConnection(SpeechConnection):
             self.feed(text)
             if flush:
                 self.session.flush()
-        elif kind in ("flush", "cancel", "close") and set(message) == {"type"}:
+        elif kind in ("flush", "cancel", "close"):
+            if set(message) != {"type"}:
+                raise Refusal("invalid_message", f"A {kind} message has no other fields.", f"Send {{\"type\": \"{kind}\"}}.")
             {"flush": lambda: self.session.flush(), "cancel": lambda: self.session.cancel(),
              "close": self.close_input}[kind]()
         elif kind == "start":
