@@ -39,10 +39,13 @@ test: setup browser-deps  ## set up, then run the whole test suite
 bench: setup  ## benchmark on the full-size random-weight model (about 10 min; --quick: BENCH_ARGS=--quick)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
+bench-ws: setup  ## WebSocket first audio vs /api/tts/stream TTFA, and cancel (full-size random model; WS_BENCH_ARGS)
+	$(VENV)/bin/python -m bench.ws_bench $(WS_BENCH_ARGS)
+
 load: setup  ## load test on the tiny model, loopback only, bounded in time
 	$(VENV)/bin/python -m bench.load $(LOAD_ARGS)
 
 random-model: setup  ## write a tiny random-weight checkpoint to models/random-tiny (for trying the service offline)
 	$(VENV)/bin/offline-tts random-model models/random-tiny --size tiny
 
-.PHONY: help system-deps browser-deps setup run test bench load random-model
+.PHONY: help system-deps browser-deps setup run test bench bench-ws load random-model

@@ -15,6 +15,7 @@ the `cancelled` event, and whether the slot is free right after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -33,14 +35,15 @@ from .common import MODEL_DIR, Timer, ensure_model, median, prepare_voices, text
 log = logging.getLogger("bench")
 
 
-def _open(server: h.Server, voice: str, sentence: str):
+@contextlib.contextmanager
+def _open(server: h.Server, voice: str, sentence: str) -> Iterator:
     """A connection that has sent `sentence` word by word (not yet known to be complete)."""
-    ws = connect(server.url.replace("http", "ws", 1) + "/api/tts/ws", proxy=None, max_size=None)
-    ws.send(json.dumps({"type": "start", "voice": voice, "language": h.LANGUAGE}))
-    assert json.loads(ws.recv())["type"] == "ready"
-    for i, word in enumerate(sentence.split(" ")):
-        ws.send(json.dumps({"type": "text", "text": word if i == 0 else " " + word}))
-    return ws
+    with connect(server.url.replace("http", "ws", 1) + "/api/tts/ws", proxy=None, max_size=None) as ws:
+        ws.send(json.dumps({"type": "start", "voice": voice, "language": h.LANGUAGE}))
+        assert json.loads(ws.recv())["type"] == "ready"
+        for i, word in enumerate(sentence.split(" ")):
+            ws.send(json.dumps({"type": "text", "text": word if i == 0 else " " + word}))
+        yield ws
 
 
 def _first_frame(ws) -> None:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               "stream_ttfa_s": round(s, 3), "ws_first_audio_s": round(w, 3),
               "ws_server_first_audio_s": median([x for x in ws_server_s if x is not None]),
               "ratio": round(w / s, 3), "goal_ratio": 1.10, "frames_after_cancel_max": max(after_cancel),
-              "cancel_to_event_s": median(cancel_times), "slot_free_after_cancel": all(freed), "runs": {"stream": stream_s, "ws": ws_s}}
+              "cancel_to_event_s": round(median(cancel_times), 3), "slot_free_after_cancel": all(freed), "runs": {"stream": stream_s, "ws": ws_s}}
     print(f"| WS first audio after the sentence is complete | {w:.3f} s | /api/tts/stream TTFA {s:.3f} s | "
           f"ratio {w / s:.2f} (goal <= 1.10) |")
     print(f"| WS cancel | at most {max(after_cancel)} audio frame(s) after it | slot free after: {all(freed)} |")
