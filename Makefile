@@ -44,6 +44,9 @@ test: setup browser-deps test-deps  ## set up, then run the whole test suite
 bench: setup  ## benchmark on the full-size random-weight model (about 10 min; --quick: BENCH_ARGS=--quick)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
+bench-ws: setup  ## WebSocket first audio vs /api/tts/stream TTFA, and cancel (full-size random model; WS_BENCH_ARGS)
+	$(VENV)/bin/python -m bench.ws_bench $(WS_BENCH_ARGS)
+
 load: setup  ## load test on the tiny model, loopback only, bounded in time
 	$(VENV)/bin/python -m bench.load $(LOAD_ARGS)
 
@@ -66,4 +69,4 @@ image-test-clean:  ## remove image-test's podman storage (stand-in base images, 
 	  CONTAINERS_CONF=.cache/image-test/containers.conf CONTAINERS_STORAGE_CONF=.cache/image-test/storage.conf podman system reset -f >/dev/null 2>&1; \
 	  rm -rf .cache/image-test; fi
 
-.PHONY: help system-deps browser-deps test-deps setup run test bench load cluster-deps cluster-test random-model image-test image-test-clean
+.PHONY: help system-deps browser-deps test-deps setup run test bench bench-ws load cluster-deps cluster-test random-model image-test image-test-clean

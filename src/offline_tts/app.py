@@ -9,7 +9,7 @@ import logging
 from fastapi import FastAPI
 
 from . import __version__
-from .api import native, ops
+from .api import native, ops, ws_elevenlabs, ws_native
 from .api import openai as openai_api
 from .api import ui as ui_page
 from .api import voices as voices_api
@@ -99,5 +99,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.include_router(native.router, tags=["tts"])
     app.include_router(voices_api.router, tags=["voices"])
     app.include_router(openai_api.router, tags=["openai"])
+    app.include_router(ws_native.router)
+    app.include_router(ws_elevenlabs.router)
     app.include_router(ui_page.router)
     return app

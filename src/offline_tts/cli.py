@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -14,9 +15,25 @@ from .config import Settings
 log = logging.getLogger("offline_tts")
 
 
+_KEY_IN_QUERY = re.compile(r"((?:api_key|xi_api_key|xi-api-key)=)[^&\s\"']+", re.IGNORECASE)
+
+
+class RedactKeys(logging.Filter):
+    """A key in a URL's query (api_key=...: browsers' WebSockets cannot send headers) never reaches the log;
+    uvicorn logs WebSocket paths with their query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _KEY_IN_QUERY.sub(r"\1***", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(level: str = "info", json_logs: bool = False) -> None:
     """Plain text lines, or one JSON object per line (TTS_LOG_JSON) with the access log's fields as keys."""
     handler = logging.StreamHandler()
+    handler.addFilter(RedactKeys())
     if json_logs:
         from pythonjsonlogger.json import JsonFormatter
 
@@ -71,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     app = create_app(settings)
-    log.info("Starting the TTS service on http://%s:%d (model dir %s, voices %s)", settings.host, settings.port,
+    log.info("Starting the TTS service on %s://%s:%d (model dir %s, voices %s)",
+             "https" if settings.ssl_certfile else "http", settings.host, settings.port,
              settings.model_dir, settings.voices_dir)
     if settings.api_key:
         log.info("API key required on every route but /health, /ui%s (TTS_API_KEY)",
@@ -83,7 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
         access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_seconds,
-        http=limited_headers_protocol(settings.max_header_bytes, settings.max_headers)))
+        http=limited_headers_protocol(settings.max_header_bytes, settings.max_headers),
+        # The protocol's own bound, above the routes' (which answer a clear error first): 1009 beyond it.
+        ws_max_size=2 * settings.ws_max_message_bytes + 1024,
+        ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile))
     app.state.on_fatal = lambda: setattr(server, "should_exit", True)  # a model that cannot load: stop, exit 1
     server.run()
     return 1 if app.state.service.state == "failed" else 0

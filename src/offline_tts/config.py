@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 to accept other machines; the Docker image does)")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on")
+    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM): serve https:// and wss:// (the elevenlabs SDK "
+                                      "only speaks wss); with TTS_SSL_KEYFILE")
+    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM) of TTS_SSL_CERTFILE")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(False, description="One JSON object per log line")
 
@@ -87,6 +90,16 @@ class Settings(BaseSettings):
     min_clip_seconds: float = Field(2.0, gt=0, description="Shortest usable clip")
     max_header_bytes: int = Field(16384, ge=1024, description="Largest request header block (request line included); beyond it: 431")
     max_headers: int = Field(100, ge=8, description="Most request headers; beyond it: 431")
+
+    # WebSocket routes (/api/tts/ws, ElevenLabs stream-input): per-connection limits
+    ws_clause_chars: int = Field(100, ge=0, description="Text in pieces: a clause break (, ; :) after this many characters "
+                                 "ends a piece even without a sentence end, so a long sentence starts sooner (0 = off)")
+    ws_max_message_bytes: int = Field(65536, ge=1024, description="Largest WebSocket message from a client; beyond it: close 1009")
+    ws_max_buffered_chars: int = Field(5000, ge=1, description="Text a connection may have received and not yet spoken; "
+                                       "beyond it: close 1008")
+    ws_max_characters: int = Field(100_000, ge=1, description="Text one connection may send in all; beyond it: close 1008")
+    ws_idle_seconds: float = Field(60.0, gt=0, description="A connection that sends nothing for this long while nothing is "
+                                   "being spoken is closed (1008); the first message must come within it too")
 
     # Security
     api_key: str | None = Field(None, description="When set, every route but /health (and the public lists) needs "

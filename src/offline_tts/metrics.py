@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -89,6 +89,13 @@ class Metrics:
         self.characters = Counter("tts_characters", "Characters of text synthesized", registry=r)
         self.wyoming = Counter("tts_wyoming_requests", "Wyoming (Home Assistant) syntheses by kind and outcome",
                                ["kind", "outcome"], registry=r)
+        self.websockets_open = Gauge("tts_websocket_connections", "Open WebSocket connections (text in pieces)",
+                                     ["route"], registry=r)
+        self.websocket_closes = Counter("tts_websocket_closes", "WebSocket connections ended, by close code "
+                                        "(1000 normal, 1008 a limit or a bad message, 1009 a message too large, "
+                                        "1005/1006 the client left without a close code or vanished)", ["route", "code"], registry=r)
+        self.websocket_sentences = Counter("tts_websocket_sentences", "Sentences spoken on WebSocket connections",
+                                           ["route"], registry=r)
         if figures is not None:
             r.register(_ServiceCollector(figures))
 

@@ -96,6 +96,7 @@ class SpeechSession:
         self._speaking = threading.Event()  # the cancel flag of the sentence being generated
         self._next_index = 0
         self._place: Place | None = None
+        self._in_sentence = False  # events() is working on a sentence (preparing or speaking it)
         self.characters = 0  # text received, for limits and logs
         self.sentences_spoken = 0
         self.audio_samples = 0
@@ -105,6 +106,11 @@ class SpeechSession:
     def buffered_chars(self) -> int:
         """Text received and not yet spoken: the splitter's buffer plus the queued sentences."""
         return self._splitter.pending_chars + sum(len(s.text) for s in self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being spoken (text still in the splitter waits for more: that is idle too)."""
+        return not self._queue and not self._in_sentence
 
     def feed(self, text: str) -> None:
         if self._closed:
@@ -156,8 +162,12 @@ class SpeechSession:
                     await self._wake.wait()
                     continue
                 sentence = self._queue.popleft()
-                async for event in self._speak(sentence):
-                    yield event
+                self._in_sentence = True
+                try:
+                    async for event in self._speak(sentence):
+                        yield event
+                finally:
+                    self._in_sentence = False
         finally:
             self._speaking.set()
             self._release_place()

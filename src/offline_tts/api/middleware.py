@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers, MutableHeaders
@@ -98,6 +99,9 @@ class RequestContextMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -133,6 +137,41 @@ class RequestContextMiddleware:
             if self.metrics is not None:
                 self.metrics.observe_request(scope.get("method", "?"), route, status, duration, record)
             self._log(scope, route, status, duration, record)
+            end_record(token)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One WebSocket connection: a request id, one access-log line when it ends (status 101 once accepted,
+        else the refusal's status: 403 for a close before accept) and the metrics, like an HTTP request."""
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _GOOD_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        record, token = start_record(request_id)
+        started = time.perf_counter()
+        status = 500  # nothing sent: the app failed before answering (the server then refuses the upgrade)
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status
+            kind = message["type"]
+            if kind == "websocket.accept":
+                status = 101
+                headers = list(message.get("headers") or [])
+                message = {**message, "headers": headers + [(REQUEST_ID_HEADER.lower().encode(), request_id.encode())]}
+            elif kind == "websocket.http.response.start":
+                status = message["status"]
+            elif kind == "websocket.close" and status != 101:
+                status = 403  # closed before accept: the server answers the upgrade with 403
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("Unhandled error on WebSocket %s (request %s)", scope.get("path"), request_id)
+        finally:
+            duration = time.perf_counter() - started
+            route = route_label(scope)
+            if self.metrics is not None:
+                self.metrics.observe_request("WS", route, status, duration, record)
+            self._log({**scope, "method": "WS"}, route, status, duration, record)
             end_record(token)
 
     @staticmethod
@@ -173,9 +212,42 @@ class ApiKeyMiddleware:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
-        return secrets.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self._digest)
+        return self.matches(token)
+
+    def matches(self, key: str) -> bool:
+        return secrets.compare_digest(hashlib.sha256(key.strip().encode()).digest(), self._digest)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket's key, checked before the upgrade is accepted: `Authorization: Bearer`, `xi-api-key`
+        (ElevenLabs clients) or the `api_key` query parameter (browsers cannot set headers). A wrong key is
+        refused at once (HTTP 401). Without any, the route takes it from the first message (ElevenLabs'
+        `xi_api_key` field): `scope["state"]["check_api_key"]` is then set, and a connection without it is closed."""
+        headers = Headers(scope=scope)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        given = []
+        if "authorization" in headers:
+            scheme, _, token = headers["authorization"].partition(" ")
+            given.append(token if scheme.lower() == "bearer" else "")
+        given += [headers[name] for name in ("xi-api-key",) if name in headers]
+        given += [value for name in ("api_key", "xi_api_key") for value in query.get(name, [])]
+        if not given:
+            scope.setdefault("state", {})["check_api_key"] = self.matches
+            await self.app(scope, receive, send)
+            return
+        if all(key.strip() and self.matches(key) for key in given):
+            await self.app(scope, receive, send)
+            return
+        exc = Unauthorized("Invalid API key.", "Send the key set as TTS_API_KEY on the server: header "
+                           "'Authorization: Bearer <key>' or 'xi-api-key: <key>', or the query parameter api_key=<key>.")
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await error_response(exc)(scope, receive, send)  # a real HTTP 401 with the JSON envelope
+        else:  # the server cannot answer the upgrade with a body: 403 (close before accept)
+            await send({"type": "websocket.close", "code": 1008, "reason": exc.message})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] == "http" and not is_public(scope.get("method", ""), route_path(scope), self.public_lists):
             headers = Headers(scope=scope)
             if not self.authorized(headers):
