@@ -1,6 +1,6 @@
-"""The voice cache, end to end: conditioning is computed once per clip content (the server logs
-"Voice 'x' conditioned and cached" once per computation), kept on disk across restarts, never served
-stale for a replaced clip; decoded clips are kept per file content."""
+"""The voice cache, end to end: conditioning is computed once per clip content (read from /metrics:
+tts_voice_cache_misses counts computations, _hits lookups served, _disk_hits those loaded from disk), kept on
+disk across restarts, never served stale for a replaced clip; decoded clips are kept per file content."""
 
 from __future__ import annotations
 
@@ -12,22 +12,26 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ServerProcess, make_clip, wav_info
+from helpers import WAV_HEADER, ServerProcess, cache_counts, make_clip, wav_info
 
 
-def conditioned_count(srv: ServerProcess, voice: str) -> int:
-    return srv.log().count(f"Voice '{voice}' conditioned and cached")
-
-
-def speak(srv: ServerProcess, voice: str, endpoint: str = "batch") -> bytes:
+def speak(srv: ServerProcess, voice: str, endpoint: str = "batch") -> dict[str, float]:
+    """Speak with `voice`; returns what the request did to the cache: {"misses": computed, "hits", "disk_hits"}."""
+    before = cache_counts(srv)
     r = httpx.post(f"{srv.url}/api/tts/{endpoint}", timeout=120,
                    json={"text": "Hola mundo.", "voice_sample": voice, "language": "es"})
     assert r.status_code == 200, r.text
     if endpoint == "batch":
         assert wav_info(r.content)[:2] == (24_000, 1)
     else:
-        assert r.content[:4] == b"RIFF" and len(r.content) > 44
-    return r.content
+        assert r.content[:4] == b"RIFF" and len(r.content) > WAV_HEADER
+    after = cache_counts(srv)
+    return {k: after[k] - before[k] for k in after}
+
+
+COMPUTED = {"misses": 1, "hits": 0, "disk_hits": 0}
+IN_MEMORY = {"misses": 0, "hits": 1, "disk_hits": 0}
+FROM_DISK = {"misses": 0, "hits": 1, "disk_hits": 1}
 
 
 def latents(srv: ServerProcess) -> set[Path]:
@@ -50,17 +54,13 @@ def cache_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_second_request_skips_conditioning(cache_server: ServerProcess) -> None:
-    assert conditioned_count(cache_server, "lena") == 0
-    speak(cache_server, "lena.mp3")
-    assert conditioned_count(cache_server, "lena") == 1
-    speak(cache_server, "lena.mp3")
-    speak(cache_server, "lena", endpoint="stream")  # another name of the same clip, the other endpoint
-    assert conditioned_count(cache_server, "lena") == 1
+    assert speak(cache_server, "lena.mp3") == COMPUTED
+    assert speak(cache_server, "lena.mp3") == IN_MEMORY
+    assert speak(cache_server, "lena", endpoint="stream") == IN_MEMORY  # another name of the clip, the other route
 
 
 def test_cache_files_are_keyed_by_content(cache_server: ServerProcess) -> None:
-    speak(cache_server, "omar")
-    assert conditioned_count(cache_server, "omar") == 1
+    assert speak(cache_server, "omar") == COMPUTED
     clip = cache_server.voices_dir / "omar.m4a"
     digest = hashlib.sha256(clip.read_bytes()).hexdigest()
     decoded = [p for p in decoded_clips(cache_server) if p.name.startswith(digest)]
@@ -71,8 +71,7 @@ def test_cache_files_are_keyed_by_content(cache_server: ServerProcess) -> None:
     # The same bytes under another name are the same voice for the cache: nothing is recomputed.
     shutil.copyfile(clip, cache_server.voices_dir / "omar_copy.m4a")
     before_latents, before_clips = latents(cache_server), decoded_clips(cache_server)
-    speak(cache_server, "omar_copy")
-    assert conditioned_count(cache_server, "omar_copy") == 0
+    assert speak(cache_server, "omar_copy") == IN_MEMORY
     assert (latents(cache_server), decoded_clips(cache_server)) == (before_latents, before_clips)
 
 
@@ -80,11 +79,10 @@ def test_restart_keeps_the_cache(cache_server: ServerProcess) -> None:
     """After a restart (memory gone) the disk cache serves the latents. Decoding happens once per file
     content: a voice whose latents were deleted is conditioned again from its kept decoded clip, which
     is neither decoded nor written again."""
-    speak(cache_server, "pia.ogg")
-    assert conditioned_count(cache_server, "pia") == 1
+    assert speak(cache_server, "pia.ogg") == COMPUTED
     before_ines = latents(cache_server)
     make_clip(cache_server.voices_dir / "ines.mp3", seconds=5, freq=210)
-    speak(cache_server, "ines")
+    assert speak(cache_server, "ines") == COMPUTED
     (ines_latents,) = latents(cache_server) - before_ines
     digest = hashlib.sha256((cache_server.voices_dir / "ines.mp3").read_bytes()).hexdigest()
     (decoded,) = [p for p in decoded_clips(cache_server) if p.name.startswith(digest)]
@@ -93,25 +91,19 @@ def test_restart_keeps_the_cache(cache_server: ServerProcess) -> None:
     files = latents(cache_server)
 
     cache_server.restart()
-    speak(cache_server, "pia.ogg")
-    speak(cache_server, "lena")
-    assert conditioned_count(cache_server, "pia") == 1
-    assert conditioned_count(cache_server, "lena") == 1
-    speak(cache_server, "ines")
-    assert conditioned_count(cache_server, "ines") == 2  # latents recomputed...
+    assert speak(cache_server, "pia.ogg") == FROM_DISK
+    assert speak(cache_server, "lena") == FROM_DISK
+    assert speak(cache_server, "ines") == COMPUTED  # latents recomputed...
     assert (decoded.stat().st_ino, decoded.stat().st_mtime_ns) == stamp  # ...from the kept decoded clip
     assert latents(cache_server) == files | {ines_latents}
 
 
 def test_replaced_clip_is_recomputed(cache_server: ServerProcess) -> None:
     make_clip(cache_server.voices_dir / "vera.flac", seconds=5, freq=150, rate=44100, channels=1)
-    speak(cache_server, "vera")
-    assert conditioned_count(cache_server, "vera") == 1
+    assert speak(cache_server, "vera") == COMPUTED
     before = latents(cache_server)
     # Same file name, new content (another speaker): the old latents must not be served.
     make_clip(cache_server.voices_dir / "vera.flac", seconds=7, freq=260, rate=22050, channels=2)
-    speak(cache_server, "vera")
-    assert conditioned_count(cache_server, "vera") == 2
+    assert speak(cache_server, "vera") == COMPUTED
     assert len(latents(cache_server) - before) == 1  # a new entry for the new content
-    speak(cache_server, "vera")
-    assert conditioned_count(cache_server, "vera") == 2
+    assert speak(cache_server, "vera") == IN_MEMORY

@@ -1,0 +1,147 @@
+"""Every refusal of the native speech routes, in-process on the fake engine (tests/fake_engine.py): the right
+status, a stable code, a message saying what is wrong and a hint saying how to fix it, and nothing spoken.
+None of these needs the real model (they are decided before the engine runs); they used to boot real servers
+in test_streaming.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fake_engine import FakeEngine
+from helpers import assert_error, make_clip
+
+pytestmark = pytest.mark.unit
+
+VOICES = {"ana": 220.0, "my_voice_sample": 180.0}
+
+
+@pytest.fixture
+def app(fake_app):
+    return fake_app(voices=VOICES)
+
+
+def still_serving(client, engine: FakeEngine) -> None:
+    before = len(engine.spoken)
+    r = client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "ana"})
+    assert r.status_code == 200 and r.content[:4] == b"RIFF"
+    assert len(engine.spoken) == before + 1
+
+
+@pytest.mark.parametrize("endpoint", ["batch", "stream"])
+@pytest.mark.parametrize(("body", "status", "code", "says"), [
+    ({"text": "", "voice_sample": "ana"}, 400, "invalid_text", "empty"),
+    ({"text": "   \n\t  ", "voice_sample": "ana"}, 400, "invalid_text", "empty"),
+    ({"text": "a" * 5001, "voice_sample": "ana"}, 413, "text_too_long", "5000"),
+    ({"voice_sample": "ana"}, 422, "invalid_request", "text"),
+    ({"text": "Hola.", "voice_sample": "ana", "language": "xx"}, 400, "unsupported_language", "xx"),
+    ({"text": "Hola.", "voice_sample": "nobody"}, 404, "voice_not_found", "nobody"),
+])
+def test_request_errors(app, endpoint: str, body: dict, status: int, code: str, says: str) -> None:
+    client, engine = app
+    spoken = len(engine.spoken)
+    error = assert_error(client.post(f"/api/tts/{endpoint}", json=body), status, code)
+    assert says in error["message"]
+    assert len(engine.spoken) == spoken
+    still_serving(client, engine)
+
+
+def test_error_messages_list_what_is_available(app) -> None:
+    client, _ = app
+    r = client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "ana", "language": "klingon"})
+    hint = assert_error(r, 400, "unsupported_language")["hint"]
+    assert all(code in hint for code in FakeEngine.languages)
+    r = client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "nobody.wav"})
+    message = assert_error(r, 404, "voice_not_found")["message"]
+    assert "ana" in message and "my_voice_sample" in message
+    r = client.post("/api/tts/batch", json={"text": "x" * 6000, "voice_sample": "ana"})
+    assert "TTS_MAX_TEXT_CHARS" in assert_error(r, 413, "text_too_long")["hint"]
+
+
+@pytest.mark.parametrize("name", [
+    "../ana.wav", "../../etc/passwd", "/etc/passwd", "..", "voices/../ana.wav", "..\\ana.wav", "ana.wav\x00.mp3",
+    ".hidden.wav",
+])
+def test_voice_names_that_leave_the_directory(app, name: str) -> None:
+    client, engine = app
+    assert_error(client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": name}), 400, "invalid_voice_name")
+    still_serving(client, engine)
+
+
+def test_symlinks_pointing_out_are_refused(app, tmp_path: Path) -> None:
+    client, engine = app
+    voices = client.app.state.settings.voices_dir
+    conditioned = engine.conditioned  # the warm-up conditions a noise clip
+    outside = tmp_path / "outside"
+    make_clip(outside / "secret.wav", seconds=4)
+    (voices / "escape.wav").symlink_to(outside / "secret.wav")
+    (voices / "escape_dir").symlink_to(outside, target_is_directory=True)
+    for name in ("escape.wav", "escape_dir"):
+        r = client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": name})
+        assert_error(r, 400, "invalid_voice_name")
+    # not listed either, so its stem is just unknown
+    r = client.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "escape"})
+    assert_error(r, 404, "voice_not_found")
+    assert engine.conditioned == conditioned  # the clip outside was never read
+    still_serving(client, engine)
+
+
+def _not_audio(path: Path) -> None:
+    path.write_text("This is a text file with an audio extension.\n" * 40)
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def _truncated(path: Path) -> None:  # an M4A cut in half: its index (moov atom) is gone
+    make_clip(path, seconds=6)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _short(path: Path) -> None:
+    make_clip(path, seconds=1.5)
+
+
+def _silent(path: Path) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo", "-t", "6",
+                    str(path)], check=True)
+
+
+@pytest.mark.parametrize(("filename", "make", "says"), [
+    ("bad_text.wav", _not_audio, "not an audio file"),
+    ("bad_random.mp3", _random_bytes, "not an audio file"),
+    ("bad_truncated.m4a", _truncated, "corrupt"),
+    ("bad_empty.flac", _empty, "empty"),
+    ("bad_short.wav", _short, "2 s"),
+    ("bad_silent.ogg", _silent, "silent"),
+])
+def test_unusable_clips(app, filename: str, make, says: str) -> None:
+    client, engine = app
+    conditioned = engine.conditioned
+    make(client.app.state.settings.voices_dir / filename)
+    for endpoint in ("batch", "stream"):
+        r = client.post(f"/api/tts/{endpoint}", json={"text": "Hola.", "voice_sample": filename})
+        error = assert_error(r, 422, "invalid_audio")
+        assert says in error["message"], error
+        assert "5-15 s" in error["hint"], error
+    assert engine.conditioned == conditioned
+    still_serving(client, engine)
+
+
+def test_no_voice_and_no_default(fake_app) -> None:
+    client, engine = fake_app(voices={"long_voice": 200.0})
+    spoken = len(engine.spoken)
+    assert client.get("/").json()["config"]["voice_sample"] is None
+    for endpoint in ("batch", "stream"):
+        error = assert_error(client.post(f"/api/tts/{endpoint}", json={"text": "Hola."}), 400, "no_voice")
+        assert "/api/config" in error["hint"] and "long_voice" in error["hint"]
+    assert len(engine.spoken) == spoken
