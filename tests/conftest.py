@@ -80,7 +80,8 @@ def make_client(tmp_path: Path):
 @pytest.fixture
 def fake_app(tmp_path: Path):
     """The real app in-process on the fake engine (tests/fake_engine.py), started and ready:
-    fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). Closed at the end of the test."""
+    fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). With `engines=[...]` (and
+    workers=len(engines)) each replica gets its own engine; the first is returned. Closed at the end of the test."""
     from fastapi.testclient import TestClient
 
     from fake_engine import FakeEngine
@@ -89,14 +90,17 @@ def fake_app(tmp_path: Path):
 
     opened = []
 
-    def make(engine: FakeEngine | None = None, voices: dict[str, float] | None = None, **settings):
-        engine = engine or FakeEngine()
+    def make(engine: FakeEngine | None = None, voices: dict[str, float] | None = None,
+             engines: list[FakeEngine] | None = None, **settings):
+        replicas = iter(engines) if engines else None
+        engine = engines[0] if engines else engine or FakeEngine()
         s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model",
                      **settings)
         s.voices_dir.mkdir(parents=True, exist_ok=True)
         for name, freq in (voices if voices is not None else {"ana": 220.0}).items():
             make_clip(s.voices_dir / f"{name}.wav", seconds=6, freq=freq)
-        client = TestClient(create_app(s, engine_factory=lambda: engine), raise_server_exceptions=False)
+        factory = (lambda: next(replicas)) if replicas else (lambda: engine)
+        client = TestClient(create_app(s, engine_factory=factory), raise_server_exceptions=False)
         client.__enter__()
         opened.append(client)
         wait_for(lambda: client.get("/ready").status_code == 200, "the fake engine to be ready", timeout=30)

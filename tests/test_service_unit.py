@@ -10,11 +10,14 @@ import base64
 import io
 import json
 import math
+import threading
 import wave
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fake_engine import SAMPLE_RATE, SECONDS_PER_CHAR, FakeEngine
+from helpers import metrics, wait_for
 from offline_tts.errors import Busy, UnsupportedLanguage, VoiceNotFound
 from offline_tts.speech_session import Cancelled, SentenceDone, SentenceFailed, SentenceStarted
 
@@ -207,3 +210,52 @@ def test_a_session_sentence_is_refused_when_the_line_is_full_and_errors_are_per_
     refused, after = client.portal.call(scenario)
     assert isinstance(refused[-1].error, Busy)
     assert [e.text for e in after if isinstance(e, SentenceDone)] == ["Ahora sí."]
+
+
+# -- replicas (TTS_WORKERS > 1) ------------------------------------------------------------------------
+class GatedEngine(FakeEngine):
+    """Holds every sentence at its start until `gate` is set (it is set during start-up's warm-up)."""
+
+    def __init__(self, gate: threading.Event):
+        super().__init__()
+        self.gate = gate
+
+    def _hold(self, text: str, language: str) -> None:
+        self.spoken.append((text, language))
+        self.gate.wait(30)
+        self.spoken.pop()  # FakeEngine records it again
+
+    def stream(self, text, language, conditioning, **kwargs):
+        self._hold(text, language)
+        yield from super().stream(text, language, conditioning, **kwargs)
+
+    def synthesize(self, text, language, conditioning, **kwargs):
+        self._hold(text, language)
+        return super().synthesize(text, language, conditioning, **kwargs)
+
+
+def test_two_replicas_each_take_a_sentence_and_the_line_grows_with_them(fake_app):
+    gate = threading.Event()
+    gate.set()
+    engines = [GatedEngine(gate), GatedEngine(gate)]
+    client, _ = fake_app(engines=engines, workers=2, max_queue=0)
+    assert client.get("/ready").json()["workers"] == 2
+    assert metrics(client)["tts_workers"] == 2
+    before = [len(e.spoken) for e in engines]  # the warm-up ran on each replica
+    gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first, second = (pool.submit(client.post, "/api/tts/batch", json={"text": text, "voice_sample": "ana"})
+                         for text in ("Primera.", "Segunda."))
+        # Both run at once, one on each replica: neither waits for the other.
+        wait_for(lambda: all(len(e.spoken) == n + 1 for e, n in zip(engines, before)), "a sentence on each replica",
+                 timeout=30)
+        assert client.get("/ready").json()["workers"] == 2
+        assert metrics(client)["tts_workers_busy"] == 2
+        # Two slots, no queue: a third request is refused at once, with a delay to retry after.
+        refused = client.post("/api/tts/batch", json={"text": "Tercera.", "voice_sample": "ana"})
+        assert refused.status_code == 503 and error_of(refused) == "busy" and int(refused.headers["retry-after"]) > 0
+        gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    spoken = [[t for t, _ in e.spoken[n:]] for e, n in zip(engines, before)]
+    assert sorted(spoken) == [["Primera."], ["Segunda."]]
+    assert client.app.state.service.figures().requests_in_progress == 0
