@@ -19,21 +19,14 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerProcess, make_clip, wait_for
+from helpers import ServerProcess, make_clip, metrics, wait_for
 from test_batched_requests import snr_db
 from offline_tts.stream_guard import BUFFER, STALL, StreamGuard
 
 # Thirty sentences: each is capped at a few audio tokens by the tests' TTS_MAX_AUDIO_TOKENS, so the whole
 # text takes long on the tiny model, and each sentence is a point where the worker changes hands.
 LONG_TEXT = " ".join(f"Esta es la frase número {n} de un texto largo." for n in range(1, 31))
-
-
-def metrics(srv: ServerProcess) -> dict[str, float]:
-    text = httpx.get(srv.url + "/metrics", timeout=10).text
-    return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def idle(srv: ServerProcess) -> bool:
