@@ -94,9 +94,8 @@ def test_a_header_that_never_ends_is_refused_without_reading_it_all(server):
                 sent += s.send(b"z" * 8192)
             except (BlockingIOError, BrokenPipeError, ConnectionResetError):
                 pass
-            t = time.perf_counter()
-            assert httpx.get(server.url + "/health", timeout=5).status_code == 200
-            assert time.perf_counter() - t < 1.0
+            # answered while the endless header is still open (an event, not a time): the reader does not block
+            assert httpx.get(server.url + "/health", timeout=30).status_code == 200
         else:
             pytest.fail("no answer after 4 MB of one header")
     assert answer.startswith(b"HTTP/1.1 431 ") and b"headers_too_large" in answer
