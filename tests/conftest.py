@@ -4,6 +4,7 @@ server running on it as a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -77,8 +78,22 @@ def make_client(tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def voice_clip(tmp_path_factory: pytest.TempPathFactory):
+    """voice_clip(freq) -> a 6 s test clip (WAV) made once per session per frequency (ffmpeg runs once)."""
+    made: dict[float, Path] = {}
+    folder = tmp_path_factory.mktemp("clips")
+
+    def clip(freq: float) -> Path:
+        if freq not in made:
+            made[freq] = make_clip(folder / f"{freq}.wav", seconds=6, freq=freq)
+        return made[freq]
+
+    return clip
+
+
 @pytest.fixture
-def fake_app(tmp_path: Path):
+def fake_app(tmp_path: Path, voice_clip):
     """The real app in-process on the fake engine (tests/fake_engine.py), started and ready:
     fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). With `engines=[...]` (and
     workers=len(engines)) each replica gets its own engine; the first is returned. Closed at the end of the test."""
@@ -98,7 +113,7 @@ def fake_app(tmp_path: Path):
                      **settings)
         s.voices_dir.mkdir(parents=True, exist_ok=True)
         for name, freq in (voices if voices is not None else {"ana": 220.0}).items():
-            make_clip(s.voices_dir / f"{name}.wav", seconds=6, freq=freq)
+            shutil.copyfile(voice_clip(freq), s.voices_dir / f"{name}.wav")
         factory = (lambda: next(replicas)) if replicas else (lambda: engine)
         client = TestClient(create_app(s, engine_factory=factory), raise_server_exceptions=False)
         client.__enter__()
