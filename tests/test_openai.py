@@ -160,33 +160,7 @@ def test_voice_as_an_object_with_an_id(server):
     assert r.status_code == 200 and len(r.content) > 0
 
 
-# -- errors (OpenAI's envelope) --------------------------------------------------------------------
-@pytest.mark.parametrize(("kwargs", "exc", "param", "code"), [
-    ({"model": "gpt-4o-tts"}, openai.BadRequestError, "model", "invalid_parameter"),
-    ({"response_format": "ogg"}, openai.BadRequestError, "response_format", "unsupported_format"),
-    ({"speed": 4.5}, openai.BadRequestError, "speed", "invalid_parameter"),
-    ({"speed": 0.1}, openai.BadRequestError, "speed", "invalid_parameter"),
-    ({"input": "   "}, openai.BadRequestError, "input", "invalid_text"),
-    ({"voice": "nobody"}, openai.NotFoundError, "voice", "voice_not_found"),
-    ({"voice": "../ana"}, openai.BadRequestError, "voice", "invalid_voice_name"),
-    ({"stream_format": "chunks"}, openai.BadRequestError, "stream_format", "invalid_parameter"),
-])
-def test_errors(client, kwargs, exc, param, code):
-    request = {"model": "tts-1", "voice": "ana", "input": "Hola.", **kwargs}
-    with pytest.raises(exc) as err:
-        client.audio.speech.create(**request)
-    body = err.value.body  # the SDK unwraps {"error": {...}}
-    assert body["param"] == param and body["code"] == code
-    assert body["type"] == "invalid_request_error" and body["message"]
-
-
-def test_error_envelope_shape(server):
-    r = httpx.post(server.url + "/v1/audio/speech", json={"model": "nope", "input": "x", "voice": "ana"})
-    assert r.status_code == 400
-    assert set(r.json()) == {"error"}
-    assert {"message", "type", "param", "code"} <= set(r.json()["error"])
-
-
+# -- errors: OpenAI's envelope for every refusal is in test_refusals_unit.py (the fake engine)
 def test_client_disconnect_stops_ffmpeg_and_generation(start_server):
     """Leaving in the middle of a long stream: the encoder subprocess is killed and reaped at once.
 

@@ -1,7 +1,7 @@
-"""Every refusal of the native speech routes, in-process on the fake engine (tests/fake_engine.py): the right
+"""Every refusal of the speech routes (native and OpenAI), in-process on the fake engine (tests/fake_engine.py): the right
 status, a stable code, a message saying what is wrong and a hint saying how to fix it, and nothing spoken.
 None of these needs the real model (they are decided before the engine runs); they used to boot real servers
-in test_streaming.py."""
+in test_streaming.py and test_openai.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import openai
 import pytest
 
 from fake_engine import FakeEngine
@@ -145,3 +146,34 @@ def test_no_voice_and_no_default(fake_app) -> None:
         error = assert_error(client.post(f"/api/tts/{endpoint}", json={"text": "Hola."}), 400, "no_voice")
         assert "/api/config" in error["hint"] and "long_voice" in error["hint"]
     assert len(engine.spoken) == spoken
+
+
+# -- the OpenAI route: OpenAI's error envelope, as the official SDK reads it ------------------------------
+@pytest.mark.parametrize(("kwargs", "exc", "param", "code"), [
+    ({"model": "gpt-4o-tts"}, openai.BadRequestError, "model", "invalid_parameter"),
+    ({"response_format": "ogg"}, openai.BadRequestError, "response_format", "unsupported_format"),
+    ({"speed": 4.5}, openai.BadRequestError, "speed", "invalid_parameter"),
+    ({"speed": 0.1}, openai.BadRequestError, "speed", "invalid_parameter"),
+    ({"input": "   "}, openai.BadRequestError, "input", "invalid_text"),
+    ({"voice": "nobody"}, openai.NotFoundError, "voice", "voice_not_found"),
+    ({"voice": "../ana"}, openai.BadRequestError, "voice", "invalid_voice_name"),
+    ({"stream_format": "chunks"}, openai.BadRequestError, "stream_format", "invalid_parameter"),
+])
+def test_openai_errors(app, kwargs, exc, param, code):
+    client, engine = app
+    sdk = openai.OpenAI(base_url=str(client.base_url) + "/v1", api_key="not-needed", max_retries=0, http_client=client)
+    spoken = len(engine.spoken)
+    with pytest.raises(exc) as err:
+        sdk.audio.speech.create(**{"model": "tts-1", "voice": "ana", "input": "Hola.", **kwargs})
+    body = err.value.body  # the SDK unwraps {"error": {...}}
+    assert body["param"] == param and body["code"] == code
+    assert body["type"] == "invalid_request_error" and body["message"]
+    assert len(engine.spoken) == spoken
+
+
+def test_openai_error_envelope_shape(app):
+    client, _ = app
+    r = client.post("/v1/audio/speech", json={"model": "nope", "input": "x", "voice": "ana"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    assert set(r.json()) == {"error"}
+    assert {"message", "type", "param", "code"} <= set(r.json()["error"])
