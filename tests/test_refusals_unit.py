@@ -177,3 +177,21 @@ def test_openai_error_envelope_shape(app):
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
     assert set(r.json()) == {"error"}
     assert {"message", "type", "param", "code"} <= set(r.json()["error"])
+
+
+# -- POST /api/config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"voice_sample": "nobody.wav"}, 404, "voice_not_found"),
+    ({"voice_sample": "broken.wav"}, 422, "invalid_audio"),
+    ({"voice_sample": "../bob.wav"}, 400, "invalid_voice_name"),
+    ({"language": "xx"}, 400, "unsupported_language"),
+    ({"voice_sample": "carla.wav", "language": "xx"}, 400, "unsupported_language"),
+])
+def test_a_refused_default_keeps_the_old_one(fake_app, body: dict, status: int, code: str) -> None:
+    client, engine = fake_app(voices={"bob": 140.0, "carla": 260.0})
+    (client.app.state.settings.voices_dir / "broken.wav").write_bytes(b"this is not audio, just text\n" * 50)
+    assert client.post("/api/config", json={"voice_sample": "bob.wav", "language": "es"}).status_code == 200
+    assert_error(client.post("/api/config", json=body), status, code)
+    assert client.get("/").json()["config"] == {"voice_sample": "bob.wav", "language": "es"}
+    still = client.post("/api/tts/batch", json={"text": "Hola."})  # still serving, with the old defaults
+    assert still.status_code == 200 and still.headers["content-language"] == "es"
