@@ -79,6 +79,31 @@ def make_client(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Clips to upload, good and bad (made once): test_voices_api.py and the unit refusals."""
+    d = tmp_path_factory.mktemp("clips")
+    silent = d / "silent.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "5", str(silent)],
+                   check=True)
+    (d / "not_audio.wav").write_bytes(b"this is not audio at all\n" * 400)
+    (d / "empty.mp3").write_bytes(b"")
+    return {
+        "mp3": make_clip(d / "bob.mp3", seconds=6, freq=150),
+        "mp3b": make_clip(d / "fay.mp3", seconds=6, freq=160),
+        "wav": make_clip(d / "carl.wav", seconds=5, freq=190, rate=16000, channels=1),
+        "ogg": make_clip(d / "carl2.ogg", seconds=4, freq=170),
+        "m4a": make_clip(d / "dee.m4a", seconds=5, freq=260),
+        "noext": make_clip(d / "clip.flac", seconds=5, freq=210, rate=16000, channels=1).rename(d / "clip_without_extension"),
+        "short": make_clip(d / "short.mp3", seconds=1),
+        "long": make_clip(d / "long.mp3", seconds=25, freq=120, extra=["-b:a", "32k"]),
+        "big": make_clip(d / "big.wav", seconds=6, rate=44100, channels=2),  # ~1 MB: over the tests' 300 kB upload limit
+        "silent": silent,
+        "not_audio": d / "not_audio.wav",
+        "empty": d / "empty.mp3",
+    }
+
+
+@pytest.fixture(scope="session")
 def voice_clip(tmp_path_factory: pytest.TempPathFactory):
     """voice_clip(freq) -> a 6 s test clip (WAV) made once per session per frequency (ffmpeg runs once)."""
     made: dict[float, Path] = {}

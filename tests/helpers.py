@@ -3,6 +3,7 @@ what the server sends, run the real server as a subprocess, read its /metrics, c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -122,6 +123,21 @@ def cache_counts(target) -> dict[str, float]:
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0 < q < 100) of at least two values, inclusive method (for bench/ reports)."""
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def dir_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`, hidden ones included, with a hash of its content ("dir" for a folder)."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def upload_voice(client, name: str | None, *paths: Path, replace: str | None = None):
+    """POST /api/voices as a form: `name`, the clips as `files`, and `replace` if given (any HTTP client)."""
+    data = {} if name is None else {"name": name}
+    if replace is not None:
+        data["replace"] = replace
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+    return client.post("/api/voices", data=data, files=files)
 
 
 def wait_for(predicate, what: str, timeout: float = 60):

@@ -14,6 +14,9 @@ import pytest
 
 from fake_engine import FakeEngine
 from helpers import assert_error, make_clip
+from helpers import dir_snapshot as snapshot
+from helpers import upload_voice as upload
+from test_voices_api import MAX_UPLOAD
 
 pytestmark = pytest.mark.unit
 
@@ -195,3 +198,75 @@ def test_a_refused_default_keeps_the_old_one(fake_app, body: dict, status: int, 
     assert client.get("/").json()["config"] == {"voice_sample": "bob.wav", "language": "es"}
     still = client.post("/api/tts/batch", json={"text": "Hola."})  # still serving, with the old defaults
     assert still.status_code == 200 and still.headers["content-language"] == "es"
+
+
+# -- POST /api/voices, DELETE /api/voices/{name} -----------------------------------------------------------
+@pytest.fixture
+def uploads(fake_app):
+    """The app with test_voices_api.py's small limits: (client, engine, voices directory)."""
+    client, engine = fake_app(max_upload_bytes=MAX_UPLOAD, max_clip_seconds=20)
+    return client, engine, client.app.state.settings.voices_dir
+
+
+@pytest.mark.parametrize("name", ["../evil", ".hidden", "a/b", "", "x" * 65, "ñame", "a b", "-dash", "semi;colon"])
+def test_bad_names_are_refused(uploads, clips, name):
+    client, _, voices_dir = uploads
+    before = snapshot(voices_dir)
+    error = assert_error(upload(client, name, clips["mp3"]), 400, "invalid_voice_name")
+    assert error["param"] == "name"
+    assert snapshot(voices_dir) == before
+
+
+@pytest.mark.parametrize(("clip", "status", "code", "words"), [
+    ("big", 413, "upload_too_large", "limit"),
+    ("not_audio", 422, "invalid_audio", "not an audio file"),
+    ("empty", 422, "invalid_audio", "empty"),
+    ("short", 422, "invalid_audio", "at least 2 s"),
+    ("long", 422, "invalid_audio", "the limit is 20 s"),
+    ("silent", 422, "invalid_audio", "silent"),
+])
+def test_bad_clips_are_refused_and_nothing_is_stored(uploads, clips, clip, status, code, words):
+    client, engine, voices_dir = uploads
+    before, conditioned = snapshot(voices_dir), engine.conditioned
+    error = assert_error(upload(client, "newvoice", clips[clip]), status, code)
+    assert words in error["message"], error
+    if status == 422:
+        assert clips[clip].name in error["message"]  # names the uploaded file, not a temporary one
+    assert snapshot(voices_dir) == before
+    assert "newvoice" not in {v["name"] for v in client.get("/api/voices").json()["voices"]}
+    assert engine.conditioned == conditioned
+
+
+def test_one_bad_clip_refuses_the_whole_folder(uploads, clips):
+    client, _, voices_dir = uploads
+    before = snapshot(voices_dir)
+    assert_error(upload(client, "mixed", clips["wav"], clips["short"]), 422, "invalid_audio")
+    assert snapshot(voices_dir) == before
+
+
+@pytest.mark.parametrize("case", ["no_files", "no_name", "not_multipart", "too_many_files", "bad_replace"])
+def test_malformed_uploads_are_refused(uploads, clips, case):
+    client, _, voices_dir = uploads
+    before = snapshot(voices_dir)
+    if case == "no_files":
+        r = client.post("/api/voices", data={"name": "x1"}, files={"other": ("a.txt", b"hi")})
+    elif case == "no_name":
+        r = upload(client, None, clips["mp3"])
+    elif case == "not_multipart":
+        r = client.post("/api/voices", json={"name": "x1"})
+    elif case == "too_many_files":
+        r = upload(client, "x1", *[clips["short"]] * 11)
+    else:
+        r = upload(client, "x1", clips["mp3"], replace="maybe")
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["message"] and "Traceback" not in r.text
+    assert snapshot(voices_dir) == before
+
+
+@pytest.mark.parametrize("name", ["..", "..%2F..%2Fetc", ".hidden"])
+def test_delete_refuses_names_outside_the_directory(uploads, name):
+    client, _, voices_dir = uploads
+    before = snapshot(voices_dir)
+    r = client.delete(f"/api/voices/{name}")
+    assert r.status_code in (400, 404), r.text
+    assert snapshot(voices_dir) == before
