@@ -259,3 +259,26 @@ def test_two_replicas_each_take_a_sentence_and_the_line_grows_with_them(fake_app
     spoken = [[t for t, _ in e.spoken[n:]] for e, n in zip(engines, before)]
     assert sorted(spoken) == [["Primera."], ["Segunda."]]
     assert client.app.state.service.figures().requests_in_progress == 0
+
+
+def test_max_queue_requests_wait_for_the_slot_and_the_next_is_refused(fake_app):
+    """TTS_MAX_QUEUE=1 on one slot: one request runs, one waits, the third gets 503 busy + Retry-After at once;
+    the waiting one is served when the slot frees."""
+    gate = threading.Event()
+    gate.set()
+    engine = GatedEngine(gate)
+    client, _ = fake_app(engine=engine, workers=1, max_queue=1)
+    before = len(engine.spoken)
+    gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/api/tts/batch", json={"text": "Primera.", "voice_sample": "ana"})
+        wait_for(lambda: len(engine.spoken) == before + 1, "the first request on the slot", timeout=30)
+        waiting = pool.submit(client.post, "/api/tts/batch", json={"text": "Segunda.", "voice_sample": "ana"})
+        wait_for(lambda: metrics(client)["tts_queue_depth"] == 1, "the second request waiting", timeout=30)
+        refused = client.post("/api/tts/batch", json={"text": "Tercera.", "voice_sample": "ana"})
+        assert refused.status_code == 503 and error_of(refused) == "busy"
+        assert int(refused.headers["retry-after"]) > 0 and "TTS_MAX_QUEUE" in refused.json()["error"]["hint"]
+        assert len(engine.spoken) == before + 1  # the second still waits: one slot
+        gate.set()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert [t for t, _ in engine.spoken[before:]] == ["Primera.", "Segunda."]
