@@ -48,8 +48,10 @@ def test_a_hostile_text_does_not_block_health(server) -> None:
     finally:
         stop.set()
         poller.join()
+    # Events, not a latency threshold (a busy machine is slow, not frozen): /health kept answering while the
+    # hostile texts were split and spoken, every poll within the client's 5 s timeout (pysbd froze it for minutes).
     assert len(latencies) >= 3
-    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    assert all(t != float("inf") for t in latencies), sorted(latencies)[-5:]
 
 
 # Ordinary text whose numbers coqui's tokenizer (num2words) cannot expand: it raised, and the service
