@@ -4,6 +4,7 @@ server running on it as a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -77,10 +78,50 @@ def make_client(tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Clips to upload, good and bad (made once): test_voices_api.py and the unit refusals."""
+    d = tmp_path_factory.mktemp("clips")
+    silent = d / "silent.wav"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "5", str(silent)],
+                   check=True)
+    (d / "not_audio.wav").write_bytes(b"this is not audio at all\n" * 400)
+    (d / "empty.mp3").write_bytes(b"")
+    return {
+        "mp3": make_clip(d / "bob.mp3", seconds=6, freq=150),
+        "mp3b": make_clip(d / "fay.mp3", seconds=6, freq=160),
+        "wav": make_clip(d / "carl.wav", seconds=5, freq=190, rate=16000, channels=1),
+        "ogg": make_clip(d / "carl2.ogg", seconds=4, freq=170),
+        "m4a": make_clip(d / "dee.m4a", seconds=5, freq=260),
+        "noext": make_clip(d / "clip.flac", seconds=5, freq=210, rate=16000, channels=1).rename(d / "clip_without_extension"),
+        "short": make_clip(d / "short.mp3", seconds=1),
+        "long": make_clip(d / "long.mp3", seconds=25, freq=120, extra=["-b:a", "32k"]),
+        "big": make_clip(d / "big.wav", seconds=6, rate=44100, channels=2),  # ~1 MB: over the tests' 300 kB upload limit
+        "silent": silent,
+        "not_audio": d / "not_audio.wav",
+        "empty": d / "empty.mp3",
+    }
+
+
+@pytest.fixture(scope="session")
+def voice_clip(tmp_path_factory: pytest.TempPathFactory):
+    """voice_clip(freq) -> a 6 s test clip (WAV) made once per session per frequency (ffmpeg runs once)."""
+    made: dict[float, Path] = {}
+    folder = tmp_path_factory.mktemp("clips")
+
+    def clip(freq: float) -> Path:
+        if freq not in made:
+            made[freq] = make_clip(folder / f"{freq}.wav", seconds=6, freq=freq)
+        return made[freq]
+
+    return clip
+
+
 @pytest.fixture
-def fake_app(tmp_path: Path):
+def fake_app(tmp_path: Path, voice_clip):
     """The real app in-process on the fake engine (tests/fake_engine.py), started and ready:
-    fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). Closed at the end of the test."""
+    fake_app(engine=FakeEngine(...), **settings) -> (TestClient, engine). With `engines=[...]` (and
+    workers=len(engines)) each replica gets its own engine; the first is returned. Closed at the end of the test."""
     from fastapi.testclient import TestClient
 
     from fake_engine import FakeEngine
@@ -89,14 +130,17 @@ def fake_app(tmp_path: Path):
 
     opened = []
 
-    def make(engine: FakeEngine | None = None, voices: dict[str, float] | None = None, **settings):
-        engine = engine or FakeEngine()
+    def make(engine: FakeEngine | None = None, voices: dict[str, float] | None = None,
+             engines: list[FakeEngine] | None = None, **settings):
+        replicas = iter(engines) if engines else None
+        engine = engines[0] if engines else engine or FakeEngine()
         s = Settings(voices_dir=tmp_path / "voices", cache_dir=tmp_path / "cache", model_dir=tmp_path / "model",
                      **settings)
         s.voices_dir.mkdir(parents=True, exist_ok=True)
         for name, freq in (voices if voices is not None else {"ana": 220.0}).items():
-            make_clip(s.voices_dir / f"{name}.wav", seconds=6, freq=freq)
-        client = TestClient(create_app(s, engine_factory=lambda: engine), raise_server_exceptions=False)
+            shutil.copyfile(voice_clip(freq), s.voices_dir / f"{name}.wav")
+        factory = (lambda: next(replicas)) if replicas else (lambda: engine)
+        client = TestClient(create_app(s, engine_factory=factory), raise_server_exceptions=False)
         client.__enter__()
         opened.append(client)
         wait_for(lambda: client.get("/ready").status_code == 200, "the fake engine to be ready", timeout=30)

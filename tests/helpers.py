@@ -1,10 +1,15 @@
-"""Test helpers: make audio with ffmpeg, run the real server as a subprocess, talk to it over HTTP."""
+"""Test helpers, one home for tests/ (and bench/, which may import them): make audio with ffmpeg, decode
+what the server sends, run the real server as a subprocess, read its /metrics, check its error envelope."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import socket
+import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -12,9 +17,12 @@ import wave
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+WAV_HEADER = 44  # bytes of the server's WAV header (streamed or whole)
+RATE = 24_000  # the XTTS output sample rate
 
 
 def make_clip(path: Path, seconds: float = 6.0, freq: int = 180, rate: int = 44100, channels: int = 2,
@@ -48,6 +56,88 @@ def ffmpeg_decode(data: bytes, fmt: str | None = None) -> tuple[int, float]:
     assert not pcm.stderr.strip(), pcm.stderr.decode()
     rate = int(probe.stdout.decode().strip().splitlines()[0])
     return rate, len(pcm.stdout) / 2 / rate
+
+
+def ffmpeg_decode_file(path: Path) -> int:
+    """Decode a saved file completely with ffmpeg (any warning fails); returns the samples decoded."""
+    out = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-f", "s16le", "-ac", "1", "-"],
+                         capture_output=True, check=True)
+    assert not out.stderr.strip(), out.stderr.decode()
+    return len(out.stdout) // 2
+
+
+def wav_stream_info(data: bytes) -> tuple[int, int, float]:
+    """(sample rate, channels, seconds) of a WAV written as a stream (header sizes unknown), checked by hand:
+    ffmpeg's -xerror flags the short last packet of such a file, so it is decoded leniently too."""
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt ", data[:16]
+    fmt_tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
+    assert (fmt_tag, bits) == (1, 16) and data[36:40] == b"data"
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le", "-"], input=data, capture_output=True,
+                         check=True)
+    assert len(out.stdout) == len(data) - WAV_HEADER
+    return rate, channels, (len(data) - WAV_HEADER) / 2 / channels / rate
+
+
+def decoded_seconds(data: bytes, rate: int = RATE) -> float:
+    """How much audio a (possibly unfinished) stream already holds: decoded leniently, errors ignored."""
+    out = subprocess.run(["ffmpeg", "-v", "quiet", "-i", "-", "-f", "s16le", "-ac", "1", "-ar", str(rate), "-"],
+                         input=data, capture_output=True)
+    return len(out.stdout) / 2 / rate
+
+
+def pcm_seconds(wav: bytes, rate: int = RATE) -> float:
+    """Seconds of 16-bit mono audio in a server WAV (header included)."""
+    return (len(wav) - WAV_HEADER) / 2 / rate
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """A refusal (httpx or TestClient response): the right status and the JSON envelope saying what is wrong
+    and how to fix it, never a traceback."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    error = response.json()["error"]
+    assert error["message"].strip() and error["hint"].strip(), error
+    assert "Traceback" not in response.text
+    if code:
+        assert error["code"] == code, error
+    return error
+
+
+def metrics(target) -> dict[str, float]:
+    """Every /metrics sample of a ServerProcess or an HTTP client (httpx.Client, TestClient):
+    {"name": value} for unlabelled samples, {'name{"label": "v"}': value} for labelled ones."""
+    if isinstance(target, ServerProcess):
+        text = httpx.get(target.url + "/metrics", timeout=10).text
+    else:
+        text = target.get("/metrics").text
+    return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def cache_counts(target) -> dict[str, float]:
+    """The voice cache's counters: conditioning computed (misses), found (hits), of them loaded from disk."""
+    m = metrics(target)
+    return {k: m[f"tts_voice_cache_{k}_total"] for k in ("hits", "misses", "disk_hits")}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0 < q < 100) of at least two values, inclusive method (for bench/ reports)."""
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def dir_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`, hidden ones included, with a hash of its content ("dir" for a folder)."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def upload_voice(client, name: str | None, *paths: Path, replace: str | None = None):
+    """POST /api/voices as a form: `name`, the clips as `files`, and `replace` if given (any HTTP client)."""
+    data = {} if name is None else {"name": name}
+    if replace is not None:
+        data["replace"] = replace
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+    return client.post("/api/voices", data=data, files=files)
 
 
 def wait_for(predicate, what: str, timeout: float = 60):

@@ -5,16 +5,14 @@ tests' default) unless a test says otherwise."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import ServerProcess, make_clip, wait_for
+from helpers import ServerProcess, make_clip, metrics, wait_for
 
 # Four requests: different voices, texts and lengths (several sentences each, so they overlap in the batch).
 REQUESTS = [
@@ -25,12 +23,6 @@ REQUESTS = [
     {"text": "La cuarta petición habla despacio y dice cosas distintas.", "voice_sample": "my_voice_sample",
      "speed": 0.8},
 ]
-
-
-def metrics(srv: ServerProcess) -> dict[str, float]:
-    text = httpx.get(srv.url + "/metrics", timeout=10).text
-    return {s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else ""): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def stream_pcm(srv: ServerProcess, body: dict, started: threading.Event | None = None) -> bytes:

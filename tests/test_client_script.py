@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ROOT, ServerProcess, ffmpeg_decode
+from helpers import ROOT, WAV_HEADER, ServerProcess, ffmpeg_decode
 
 CLIENT = ROOT / "client_tests" / "stream_client.py"
 
@@ -32,7 +32,7 @@ def check_wav(path: Path) -> float:
     with wave.open(str(path)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24_000, 1, 2)
         frames = w.getnframes()
-    assert frames * 2 == len(data) - 44, "the header's data size does not match the file"
+    assert frames * 2 == len(data) - WAV_HEADER, "the header's data size does not match the file"
     assert int.from_bytes(data[4:8], "little") == len(data) - 8, "the RIFF size does not match the file"
     rate, seconds = ffmpeg_decode(data)
     assert rate == 24_000 and seconds == pytest.approx(frames / 24_000, abs=1e-3)

@@ -6,18 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-import subprocess
 
 import anyio
 import numpy as np
 import psutil
 import pytest
 
-from helpers import ffmpeg_decode
+from helpers import RATE, WAV_HEADER, decoded_seconds, ffmpeg_decode, wav_stream_info
 from offline_tts import encoders
 from offline_tts.errors import UnsupportedFormat
 
-RATE = 24_000
 COMPRESSED = ("mp3", "opus", "aac", "flac")
 DECODED_RATE = {"mp3": 24_000, "opus": 48_000, "aac": 24_000, "flac": 24_000}  # Opus always decodes at 48 kHz
 MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
@@ -33,24 +31,6 @@ async def chunks_of(seconds: float, chunk_s: float = 0.25):
     for _ in range(round(seconds / chunk_s)):
         yield tone(chunk_s)
         await asyncio.sleep(0)
-
-
-def wav_stream_info(data: bytes) -> tuple[int, int, float]:
-    """(sample rate, channels, seconds) of a WAV written as a stream (header sizes unknown), checked by hand:
-    ffmpeg's -xerror flags the short last packet of such a file, so it is decoded leniently too."""
-    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt ", data[:16]
-    fmt_tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", data[20:36])
-    assert (fmt_tag, bits) == (1, 16) and data[36:40] == b"data"
-    out = subprocess.run(["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le", "-"], input=data, capture_output=True, check=True)
-    assert len(out.stdout) == len(data) - 44
-    return rate, channels, (len(data) - 44) / 2 / channels / rate
-
-
-def decoded_seconds(data: bytes) -> float:
-    """How much audio a (possibly unfinished) stream already holds."""
-    out = subprocess.run(["ffmpeg", "-v", "quiet", "-i", "-", "-f", "s16le", "-ac", "1", "-ar", str(RATE), "-"],
-                         input=data, capture_output=True)
-    return len(out.stdout) / 2 / RATE
 
 
 def ffmpeg_children() -> list[psutil.Process]:
@@ -78,7 +58,7 @@ def test_wav_and_pcm_are_exact():
     wav = asyncio.run(collect(encoders.encode(chunks_of(1.5), encoders.FORMATS["wav"], RATE)))
     assert wav_stream_info(wav) == (RATE, 1, 1.5)
     pcm = asyncio.run(collect(encoders.encode(chunks_of(1.5), encoders.FORMATS["pcm"], RATE)))
-    assert pcm == wav[44:]
+    assert pcm == wav[WAV_HEADER:]
     assert len(pcm) == int(1.5 * RATE) * 2
 
 
@@ -216,7 +196,7 @@ def test_native_batch_default_stays_wav(server):
         r = client.post("/api/tts/batch", json={"text": "Hola mundo.", "voice_sample": "ana"})
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
     assert r.content[:4] == b"RIFF"
-    assert struct.unpack("<I", r.content[40:44])[0] == len(r.content) - 44  # exact sizes in a batch file
+    assert struct.unpack("<I", r.content[40:44])[0] == len(r.content) - WAV_HEADER  # exact sizes in a batch file
 
 
 @pytest.mark.parametrize("name", ["mp3", "flac", "pcm"])
@@ -226,9 +206,9 @@ def test_native_batch_with_format(server, name):
         r = client.post("/api/tts/batch", json={"text": "Hola mundo.", "voice_sample": "ana", "format": name})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == MEDIA_TYPES[name]
-    expected = (len(wav) - 44) / 2 / RATE
+    expected = (len(wav) - WAV_HEADER) / 2 / RATE
     if name == "pcm":
-        assert r.content == wav[44:]
+        assert r.content == wav[WAV_HEADER:]
         return
     rate, seconds = ffmpeg_decode(r.content)
     assert rate == RATE and abs(seconds - expected) < 0.15

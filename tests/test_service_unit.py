@@ -10,11 +10,14 @@ import base64
 import io
 import json
 import math
+import threading
 import wave
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from fake_engine import SAMPLE_RATE, SECONDS_PER_CHAR, FakeEngine
+from helpers import metrics, wait_for
 from offline_tts.errors import Busy, UnsupportedLanguage, VoiceNotFound
 from offline_tts.speech_session import Cancelled, SentenceDone, SentenceFailed, SentenceStarted
 
@@ -227,3 +230,75 @@ def test_clips_are_read_to_find_their_cache_key_only_when_they_change(fake_app, 
     make_clip(settings.voices_dir / "ana.wav", seconds=7, freq=440)  # the clip rewritten in place
     assert client.post("/api/tts/batch", json=body).status_code == 200
     assert hashed[hashed_before:] == ["ana.wav"] and engine.conditioned == conditioned + 1
+
+
+# -- replicas (TTS_WORKERS > 1) ------------------------------------------------------------------------
+class GatedEngine(FakeEngine):
+    """Holds every sentence at its start until `gate` is set (it is set during start-up's warm-up)."""
+
+    def __init__(self, gate: threading.Event):
+        super().__init__()
+        self.gate = gate
+
+    def _hold(self, text: str, language: str) -> None:
+        self.spoken.append((text, language))
+        self.gate.wait(30)
+        self.spoken.pop()  # FakeEngine records it again
+
+    def stream(self, text, language, conditioning, **kwargs):
+        self._hold(text, language)
+        yield from super().stream(text, language, conditioning, **kwargs)
+
+    def synthesize(self, text, language, conditioning, **kwargs):
+        self._hold(text, language)
+        return super().synthesize(text, language, conditioning, **kwargs)
+
+
+def test_two_replicas_each_take_a_sentence_and_the_line_grows_with_them(fake_app):
+    gate = threading.Event()
+    gate.set()
+    engines = [GatedEngine(gate), GatedEngine(gate)]
+    client, _ = fake_app(engines=engines, workers=2, max_queue=0)
+    assert client.get("/ready").json()["workers"] == 2
+    assert metrics(client)["tts_workers"] == 2
+    before = [len(e.spoken) for e in engines]  # the warm-up ran on each replica
+    gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first, second = (pool.submit(client.post, "/api/tts/batch", json={"text": text, "voice_sample": "ana"})
+                         for text in ("Primera.", "Segunda."))
+        # Both run at once, one on each replica: neither waits for the other.
+        wait_for(lambda: all(len(e.spoken) == n + 1 for e, n in zip(engines, before)), "a sentence on each replica",
+                 timeout=30)
+        assert client.get("/ready").json()["workers"] == 2
+        assert metrics(client)["tts_workers_busy"] == 2
+        # Two slots, no queue: a third request is refused at once, with a delay to retry after.
+        refused = client.post("/api/tts/batch", json={"text": "Tercera.", "voice_sample": "ana"})
+        assert refused.status_code == 503 and error_of(refused) == "busy" and int(refused.headers["retry-after"]) > 0
+        gate.set()
+        assert first.result().status_code == 200 and second.result().status_code == 200
+    spoken = [[t for t, _ in e.spoken[n:]] for e, n in zip(engines, before)]
+    assert sorted(spoken) == [["Primera."], ["Segunda."]]
+    assert client.app.state.service.figures().requests_in_progress == 0
+
+
+def test_max_queue_requests_wait_for_the_slot_and_the_next_is_refused(fake_app):
+    """TTS_MAX_QUEUE=1 on one slot: one request runs, one waits, the third gets 503 busy + Retry-After at once;
+    the waiting one is served when the slot frees."""
+    gate = threading.Event()
+    gate.set()
+    engine = GatedEngine(gate)
+    client, _ = fake_app(engine=engine, workers=1, max_queue=1)
+    before = len(engine.spoken)
+    gate.clear()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/api/tts/batch", json={"text": "Primera.", "voice_sample": "ana"})
+        wait_for(lambda: len(engine.spoken) == before + 1, "the first request on the slot", timeout=30)
+        waiting = pool.submit(client.post, "/api/tts/batch", json={"text": "Segunda.", "voice_sample": "ana"})
+        wait_for(lambda: metrics(client)["tts_queue_depth"] == 1, "the second request waiting", timeout=30)
+        refused = client.post("/api/tts/batch", json={"text": "Tercera.", "voice_sample": "ana"})
+        assert refused.status_code == 503 and error_of(refused) == "busy"
+        assert int(refused.headers["retry-after"]) > 0 and "TTS_MAX_QUEUE" in refused.json()["error"]["hint"]
+        assert len(engine.spoken) == before + 1  # the second still waits: one slot
+        gate.set()
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert [t for t, _ in engine.spoken[before:]] == ["Primera.", "Segunda."]

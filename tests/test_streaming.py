@@ -1,7 +1,6 @@
-"""Streaming under stress and every refusal of the native API, against the real server: a client that
-leaves stops its generation, parallel requests all succeed, `GET /` stays fast during a long synthesis,
-and each error answers the right status with a JSON body saying what is wrong and how to fix it,
-after which the server keeps serving."""
+"""Streaming under stress against the real server: a client that leaves stops its generation, parallel
+requests all succeed, `GET /` stays fast during a long synthesis; a model still loading or missing is a clear
+error. (The validation refusals are in test_refusals_unit.py, on the fake engine.)"""
 
 from __future__ import annotations
 
@@ -16,43 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from helpers import BIN, ServerProcess, ffmpeg_decode, make_clip, wav_info
+from helpers import WAV_HEADER as HEADER
+from helpers import BIN, ServerProcess, assert_error, ffmpeg_decode, make_clip, metrics, wait_for, wav_info
 
-HEADER = 44
 # One sentence with no stop: the server caps its audio in proportion to its length (~3 tokens per
 # character), i.e. hundreds of tokens: tens of seconds of work on the tiny CPU model.
 LONG_SENTENCE = ("Esta es una frase larguísima que el modelo tiene que decir de principio a fin sin parar, "
                  "hablando del mar y de las montañas y de los ríos y de las ciudades y de la gente que pasa")
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    error = response.json()["error"]
-    assert error["code"] == code, error
-    assert error["message"].strip() and error["hint"].strip(), error
-    return error
-
-
 def assert_still_serving(srv: ServerProcess) -> None:
     assert srv.proc.poll() is None, srv.log()[-3000:]
     r = httpx.get(srv.url + "/", timeout=10)
     assert r.status_code == 200 and r.json()["status"] == "online"
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
-
-
-def cpu_rate(proc: psutil.Process, seconds: float) -> float:
-    """CPU seconds per second the process uses over a window (all its threads)."""
-    before, started = cpu_seconds(proc), time.perf_counter()
-    time.sleep(seconds)
-    return (cpu_seconds(proc) - before) / (time.perf_counter() - started)
 
 
 @pytest.fixture(scope="module")
@@ -67,41 +44,34 @@ def long_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 # -- disconnect -----------------------------------------------------------------------------------------
 def test_disconnect_stops_generation(long_server: ServerProcess) -> None:
-    server = psutil.Process(long_server.proc.pid)
+    """Counted in decode steps, not CPU rates or seconds (a busy machine is slow, not wrong)."""
     body = {"text": LONG_SENTENCE, "voice_sample": "long_voice"}
     with long_server.client() as c:
         assert c.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "long_voice"}).status_code == 200
-        assert cpu_rate(server, 0.5) < 0.08, "the server is not idle before the test"
-        received = 0
+        assert metrics(long_server)["tts_batch_slots_busy"] == 0, "the server is not idle before the test"
+        steps_before = metrics(long_server)["tts_batch_steps_total"]
+        received = chunks = 0
         with c.stream("POST", "/api/tts/stream", json=body) as r:
             assert r.status_code == 200, r.read()
-            reading_started = None
             for piece in r.iter_raw():
                 received += len(piece)
-                if received > HEADER and reading_started is None:
-                    reading_started = time.perf_counter()
-                    busy_before = cpu_seconds(server)
-                if reading_started is not None and time.perf_counter() - reading_started > 1.5:
+                chunks += received > HEADER
+                if chunks >= 3:  # a few chunks in: the model is generating this sentence
                     break
-            busy = (cpu_seconds(server) - busy_before) / (time.perf_counter() - reading_started)
-        left = time.perf_counter()  # the connection is closed here, long before the sentence is done
-    assert busy > 0.15, f"the server was not generating while streaming (CPU {busy:.2f})"
-    # Generation stops within a chunk (the engine checks its cancel flag after every audio token): the
-    # server goes idle at once instead of working through the rest of the sentence (tens of seconds).
-    deadline, idle = left + 10, None
-    while time.perf_counter() < deadline:
-        rate = cpu_rate(server, 0.5)
-        if rate < 0.1:
-            idle = time.perf_counter() - left
-            break
-    assert idle is not None, f"the server kept generating after the client left (CPU {rate:.2f})\n{long_server.log()[-2000:]}"
-    assert idle < 2, f"the server went idle only {idle:.1f} s after the client left"
-    # Its worker is free again: a new request is served at once, not after the abandoned sentence.
-    started = time.perf_counter()
+            steps_at_leave = metrics(long_server)["tts_batch_steps_total"]
+        # the connection is closed here, long before the sentence is done
+    assert steps_at_leave > steps_before, "the server was not generating while streaming"
+    # Generation stops within a chunk (the engine checks its cancel flag after every audio token): the sentence
+    # leaves its slot instead of being worked through (hundreds of audio tokens: one step each).
+    wait_for(lambda: metrics(long_server)["tts_requests_in_progress"] == 0
+             and metrics(long_server)["tts_batch_slots_busy"] == 0, "the stream's slot freed", timeout=120)
+    steps_after = metrics(long_server)["tts_batch_steps_total"] - steps_at_leave
+    spoken_tokens = (received - HEADER) / 2 / 24_000 * 22_050 / 1024
+    assert steps_after <= 96, f"{steps_after:.0f} decode steps after the client left ({spoken_tokens:.0f} streamed)"
+    # Its worker is free again: a new request is served, and nothing failed on the way.
     r = httpx.post(long_server.url + "/api/tts/batch", json={"text": "Hola.", "voice_sample": "long_voice"}, timeout=120)
     assert r.status_code == 200, r.text
     assert "Traceback" not in long_server.log()
-    assert time.perf_counter() - started < 30
 
 
 # -- responsiveness and concurrency ---------------------------------------------------------------------
@@ -176,125 +146,8 @@ def test_parallel_requests_all_succeed(server: ServerProcess) -> None:
     assert_still_serving(server)
 
 
-# -- refusals ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("endpoint", ["batch", "stream"])
-@pytest.mark.parametrize(("body", "status", "code", "says"), [
-    ({"text": "", "voice_sample": "ana"}, 400, "invalid_text", "empty"),
-    ({"text": "   \n\t  ", "voice_sample": "ana"}, 400, "invalid_text", "empty"),
-    ({"text": "a" * 5001, "voice_sample": "ana"}, 413, "text_too_long", "5000"),
-    ({"voice_sample": "ana"}, 422, "invalid_request", "text"),
-    ({"text": "Hola.", "voice_sample": "ana", "language": "xx"}, 400, "unsupported_language", "xx"),
-    ({"text": "Hola.", "voice_sample": "nobody"}, 404, "voice_not_found", "nobody"),
-])
-def test_request_errors(server: ServerProcess, endpoint: str, body: dict, status: int, code: str, says: str) -> None:
-    r = httpx.post(f"{server.url}/api/tts/{endpoint}", json=body, timeout=60)
-    error = assert_error(r, status, code)
-    assert says in error["message"]
-    assert_still_serving(server)
-
-
-def test_error_messages_list_what_is_available(server: ServerProcess) -> None:
-    r = httpx.post(server.url + "/api/tts/batch", timeout=60,
-                   json={"text": "Hola.", "voice_sample": "ana", "language": "klingon"})
-    hint = assert_error(r, 400, "unsupported_language")["hint"]
-    assert "es" in hint and "en" in hint and "fr" in hint
-    r = httpx.post(server.url + "/api/tts/batch", json={"text": "Hola.", "voice_sample": "nobody.wav"}, timeout=60)
-    message = assert_error(r, 404, "voice_not_found")["message"]
-    assert "ana" in message and "my_voice_sample" in message
-    r = httpx.post(server.url + "/api/tts/batch", json={"text": "x" * 6000, "voice_sample": "ana"}, timeout=60)
-    assert "TTS_MAX_TEXT_CHARS" in assert_error(r, 413, "text_too_long")["hint"]
-
-
-@pytest.mark.parametrize("name", [
-    "../ana.wav", "../../etc/passwd", "/etc/passwd", "..", "voices/../ana.wav", "..\\ana.wav", "ana.wav\x00.mp3",
-    ".hidden.wav",
-])
-def test_voice_names_that_leave_the_directory(server: ServerProcess, name: str) -> None:
-    r = httpx.post(server.url + "/api/tts/batch", json={"text": "Hola.", "voice_sample": name}, timeout=60)
-    assert_error(r, 400, "invalid_voice_name")
-    assert_still_serving(server)
-
-
-@pytest.fixture
-def outside_links(server: ServerProcess, tmp_path: Path) -> Iterator[None]:
-    """Symlinks in voices/ that point outside it: to a real clip, and to a folder of clips."""
-    outside = tmp_path / "outside"
-    make_clip(outside / "secret.wav", seconds=4)
-    links = [server.voices_dir / "escape.wav", server.voices_dir / "escape_dir"]
-    links[0].symlink_to(outside / "secret.wav")
-    links[1].symlink_to(outside, target_is_directory=True)
-    yield
-    for link in links:
-        link.unlink()
-
-
-def test_symlinks_pointing_out_are_refused(server: ServerProcess, outside_links: None) -> None:
-    with server.client() as c:
-        for name in ("escape.wav", "escape_dir"):
-            assert_error(c.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": name}), 400, "invalid_voice_name")
-        # not listed either, so its stem is just unknown
-        assert_error(c.post("/api/tts/batch", json={"text": "Hola.", "voice_sample": "escape"}), 404, "voice_not_found")
-    assert_still_serving(server)
-
-
-def _not_audio(path: Path) -> None:
-    path.write_text("This is a text file with an audio extension.\n" * 40)
-
-
-def _random_bytes(path: Path) -> None:
-    path.write_bytes(os.urandom(4096))
-
-
-def _truncated(path: Path) -> None:  # an M4A cut in half: its index (moov atom) is gone
-    make_clip(path, seconds=6)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _empty(path: Path) -> None:
-    path.write_bytes(b"")
-
-
-def _short(path: Path) -> None:
-    make_clip(path, seconds=1.5)
-
-
-def _silent(path: Path) -> None:
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=44100:cl=stereo", "-t", "6", str(path)],
-                   check=True)
-
-
-@pytest.mark.parametrize(("filename", "make", "says"), [
-    ("bad_text.wav", _not_audio, "not an audio file"),
-    ("bad_random.mp3", _random_bytes, "not an audio file"),
-    ("bad_truncated.m4a", _truncated, "corrupt"),
-    ("bad_empty.flac", _empty, "empty"),
-    ("bad_short.wav", _short, "2 s"),
-    ("bad_silent.ogg", _silent, "silent"),
-])
-def test_unusable_clips(server: ServerProcess, filename: str, make: Callable[[Path], None], says: str) -> None:
-    path = server.voices_dir / filename
-    make(path)
-    try:
-        for endpoint in ("batch", "stream"):
-            r = httpx.post(f"{server.url}/api/tts/{endpoint}", json={"text": "Hola.", "voice_sample": filename}, timeout=60)
-            error = assert_error(r, 422, "invalid_audio")
-            assert says in error["message"], error
-            assert "5-15 s" in error["hint"], error
-        assert_still_serving(server)
-    finally:
-        path.unlink()
-
-
-def test_no_voice_and_no_default(long_server: ServerProcess) -> None:
-    with long_server.client() as c:
-        assert c.get("/").json()["config"]["voice_sample"] is None
-        for endpoint in ("batch", "stream"):
-            error = assert_error(c.post(f"/api/tts/{endpoint}", json={"text": "Hola."}), 400, "no_voice")
-            assert "/api/config" in error["hint"] and "long_voice" in error["hint"]
-    assert_still_serving(long_server)
-
-
+# -- refusals: every validation case is in test_refusals_unit.py (the fake engine); here only what needs a real
+# server process: a model still loading, and no model at all.
 def test_model_not_ready_yet(start_server: Callable[..., ServerProcess]) -> None:
     srv = start_server(wait_ready=False)
     deadline = time.monotonic() + 120

@@ -98,9 +98,9 @@ def redos_text(numbers: int) -> str:
 @pytest.mark.parametrize("numbers", [9, 12, 40, 1200])
 def test_the_pysbd_redos_text_is_split_at_once(numbers: int) -> None:
     text = redos_text(numbers)
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: what the splitter costs, however busy the machine is
     pieces = split_sentences(text, "es", 239)
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
     assert " ".join(pieces) == text if len(text) <= 239 else squash("".join(pieces)) == squash(text)
 
 

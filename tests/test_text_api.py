@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from helpers import ffmpeg_decode
+from helpers import WAV_HEADER, ffmpeg_decode
 
 VOICE = "ana"
 REDOS = "..[" + " ".join(["111"] * 12) + "]"  # 51 characters: hours of backtracking for pysbd
@@ -48,8 +48,10 @@ def test_a_hostile_text_does_not_block_health(server) -> None:
     finally:
         stop.set()
         poller.join()
+    # Events, not a latency threshold (a busy machine is slow, not frozen): /health kept answering while the
+    # hostile texts were split and spoken, every poll within the client's 5 s timeout (pysbd froze it for minutes).
     assert len(latencies) >= 3
-    assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    assert all(t != float("inf") for t in latencies), sorted(latencies)[-5:]
 
 
 # Ordinary text whose numbers coqui's tokenizer (num2words) cannot expand: it raised, and the service
@@ -114,7 +116,7 @@ def test_text_with_nothing_to_speak_is_a_short_pause(server, route: str, text: s
     r = speak(server, route, text, "es")
     assert r.status_code == 200, r.text[:300]
     if route == "stream wav":  # a streamed WAV's header has no length: count the PCM after it
-        seconds = (len(r.content) - 44) / 2 / 24_000
+        seconds = (len(r.content) - WAV_HEADER) / 2 / 24_000
     else:
         seconds = ffmpeg_decode(r.content)[1]
     assert 0.2 <= seconds <= 0.45, seconds  # 0.25 s, plus the encoder's padding for mp3
