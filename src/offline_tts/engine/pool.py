@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import Busy
 from .base import Conditioning, StreamPlan
-from .jobs import DONE, SentenceJob
+from .replica import DONE, SentenceJob
 from .sequential import SequentialRunner
 
 if TYPE_CHECKING:

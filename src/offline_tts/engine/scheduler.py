@@ -25,18 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import threading
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
 
 import numpy as np
 import torch
 
 from .batching import BatchedGpt, Sampling, default_max_len
-from .jobs import DONE, SentenceJob
+from .replica import DONE, ReplicaThread, SentenceJob
 from .streaming import ChunkDecoder
 
 log = logging.getLogger(__name__)
@@ -100,64 +95,23 @@ class _Sequence:
             self.job.deliver(chunk)
 
 
-class Scheduler:
+class Scheduler(ReplicaThread):
     """Owns one engine replica and runs all its sentences, batched, in one thread."""
 
     def __init__(self, engine, max_batch: int, *, prefill_tokens: int = PREFILL_TOKENS, name: str = "replica",
                  cuda_graphs: bool = False):
-        self.engine = engine
+        super().__init__(engine, name)
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.gpt = BatchedGpt.for_engine(engine, max_batch, max_len=slot_length(engine), cuda_graphs=cuda_graphs)
         self.sampling = Sampling.of_engine(engine)
-        self._queue: deque[SentenceJob] = deque()
-        self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
         self._active: dict[int, _Sequence] = {}  # slot -> sequence
-        self._wake = threading.Condition()
-        self._closed = False
         self._calling = False
-        self.steps = 0  # batched decode steps run
-        self.rows = 0  # sentences decoded in them, all steps together (rows / steps: the mean batch)
-        # Where the thread's time goes (seconds, summed): batched GPT steps, HiFi-GAN (chunks of all
-        # sequences), and prefills run while other sequences were decoding (the join stall: the running
-        # streams wait that long for their next step); `stall_max`: the longest such stall.
-        self.step_seconds = self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
-        self._thread.start()
-
-    # -- any thread -------------------------------------------------------------------------------
-    def submit(self, job: SentenceJob) -> None:
-        with self._wake:
-            self._queue.append(job)
-            self._wake.notify()
-
-    def call(self, fn: Callable[[Any], Any]) -> Future:
-        """Run `fn(engine)` on the replica's thread between two steps; its result or error comes in the future."""
-        future: Future = Future()
-        with self._wake:
-            self._calls.append((fn, future))
-            self._wake.notify()
-        return future
-
-    def wake(self) -> None:
-        """Look at the cancel flags now (the loop also looks at every step)."""
-        with self._wake:
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+        self.start()
 
     @property
     def busy_slots(self) -> int:
         return len(self._active)
-
-    @property
-    def queued(self) -> int:
-        """Sentences waiting for a slot."""
-        return len(self._queue)
 
     @property
     def load(self) -> int:
@@ -200,14 +154,6 @@ class Scheduler:
     def _trim(self) -> None:
         self.gpt.trim()
         release_free_memory()
-
-    def _call(self, fn: Callable[[Any], Any], future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn(self.engine))
-        except BaseException as exc:  # handed to the caller
-            future.set_exception(exc)
 
     def _turn(self) -> None:
         self._drop_cancelled()

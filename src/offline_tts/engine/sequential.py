@@ -8,66 +8,25 @@ or the fake engine of the unit tests, runs through the same service and pool as 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
 
-from .jobs import DONE, SentenceJob
+from .replica import DONE, ReplicaThread, SentenceJob
 
 log = logging.getLogger(__name__)
 
 
-class SequentialRunner:
+class SequentialRunner(ReplicaThread):
     """Owns one engine replica and speaks its sentences one after the other."""
 
-    max_batch = 1
-
     def __init__(self, engine, *, name: str = "replica"):
-        self.engine = engine
-        self._queue: deque[SentenceJob] = deque()
-        self._calls: deque[tuple[Callable[[Any], Any], Future]] = deque()
-        self._wake = threading.Condition()
-        self._closed = False
+        super().__init__(engine, name)
         self._running = 0  # 1 while a sentence or a call runs
-        self.steps = 0  # sentences spoken (a "step" of this runner is a whole sentence)
-        self.rows = 0
-        self.step_seconds = 0.0  # time speaking (the whole sentence, vocoder included)
-        self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0  # not told apart / no joins here
-        self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: SentenceJob) -> None:
-        with self._wake:
-            self._queue.append(job)
-            self._wake.notify()
-
-    def call(self, fn: Callable[[Any], Any]) -> Future:
-        future: Future = Future()
-        with self._wake:
-            self._calls.append((fn, future))
-            self._wake.notify()
-        return future
-
-    def wake(self) -> None:
-        with self._wake:
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=30)
+        self.start()
 
     @property
     def busy_slots(self) -> int:
         return self._running
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     @property
     def load(self) -> int:
@@ -93,14 +52,6 @@ class SequentialRunner:
             waiting, self._queue = list(self._queue), deque()
         for job in waiting:
             job.deliver(RuntimeError("the model replica was closed"))
-
-    def _call(self, fn: Callable[[Any], Any], future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn(self.engine))
-        except BaseException as exc:  # handed to the caller
-            future.set_exception(exc)
 
     def _speak(self, job: SentenceJob) -> None:
         if job.cancel.is_set():
