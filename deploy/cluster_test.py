@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, detail in checks.results:
         print(f"{'PASS' if ok else 'FAIL'}  {name}\n      {detail}")
     failed = [name for name, ok, _ in checks.results if not ok]
+    # Every state change HAProxy logged (a busy replica failing its check shows here too).
+    changes = [line.split(": ", 1)[-1].split(", reason")[0] + ": " + line.split("reason: ")[-1].split(",")[0]
+               for line in balancer.log_path.read_text(errors="replace").splitlines() if " is DOWN" in line or " is UP" in line] \
+        if balancer.log_path.exists() else []
+    print(f"HAProxy server state changes ({len(changes)}):" + "".join(f"\n      {c}" for c in changes))
     print(f"{len(checks.results) - len(failed)}/{len(checks.results)} checks passed in {time.monotonic() - STARTED:.0f} s")
     if failed or args.keep:
         print(f"Logs and shared folder kept in {workdir}")
@@ -405,7 +410,8 @@ def run_checks(checks: Checks, lb: Balancer, replicas: list[Replica], workdir: P
         served = Counter(speak(lb.url, "v0").headers["x-served-by"] for _ in range(3 * len(replicas)))
         assert served[victim.name] > 0, f"no request reached {victim.name}: {dict(served)}"
         assert {"v0", "v1"} <= voices_of(victim.url)
-        return f"restarted, UP in HAProxy after {up_after:.1f} s; next {sum(served.values())} requests: {dict(served)}"
+        return (f"restarted, UP in HAProxy after {up_after:.1f} s; next {sum(served.values())} requests: {dict(served)}; "
+                f"HAProxy now: {lb.states()}")
 
     checks.run("round-robin through HAProxy", round_robin)
     checks.run("upload via the balancer, synthesize on every replica", upload_then_speak_everywhere)
