@@ -456,3 +456,13 @@ def test_a_bad_wyoming_uri_is_a_startup_error(start_server: Callable[..., Server
     server.start(wait_ready=False)
     assert server.proc.wait(60) == 2
     assert "TTS_WYOMING_URI" in server.log()
+
+
+def test_with_an_api_key_wyoming_is_refused_on_a_network_address(start_server: Callable[..., ServerProcess]) -> None:
+    """Wyoming cannot carry the key: with one set, a network address is a startup error saying what to do."""
+    server = start_server({"TTS_API_KEY": "k" * 20, "TTS_WYOMING_URI": "tcp://0.0.0.0:10299"}, run=False)
+    server.start(wait_ready=False)
+    assert server.proc.wait(60) == 2
+    log = server.log()
+    assert "Invalid settings: TTS_API_KEY is set" in log and "TTS_WYOMING_WITHOUT_KEY=true" in log
+    assert "k" * 20 not in log

@@ -64,3 +64,26 @@ def test_voice_fields() -> None:
     for bad in ({"voice": "ana"}, {"voice": {"name": 1}}, {"voice": {"language": ["en"]}}):
         with pytest.raises(ProtocolError):
             voice_fields(bad)
+
+
+@pytest.mark.parametrize(("uri", "without_key", "allowed"), [
+    ("tcp://0.0.0.0:10200", False, False),
+    ("tcp://192.168.1.5:10200", False, False),
+    ("tcp://127.0.0.1:10200", False, True),
+    ("unix:///run/tts.sock", False, True),
+    ("tcp://0.0.0.0:10200", True, True),
+])
+def test_with_an_api_key_wyoming_listens_only_where_the_key_is_not_needed(uri: str, without_key: bool, allowed: bool) -> None:
+    from pydantic import ValidationError
+
+    from offline_tts.config import Settings
+
+    def make() -> Settings:
+        return Settings(api_key="secret-key", wyoming_uri=uri, wyoming_without_key=without_key)
+
+    if allowed:
+        assert make().wyoming_uri == uri
+    else:
+        with pytest.raises(ValidationError, match="TTS_WYOMING_WITHOUT_KEY"):
+            make()
+    assert Settings(wyoming_uri=uri).wyoming_uri == uri  # no key: nothing to protect

@@ -52,8 +52,11 @@ def load_settings(**overrides) -> Settings | None:
     except ValidationError as exc:
         setup_logging()
         for err in exc.errors():
-            name = "TTS_" + "_".join(str(part) for part in err["loc"]).upper()
-            log.error("Invalid setting %s: %s", name, err["msg"].removeprefix("Value error, "))
+            message = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                log.error("Invalid setting %s: %s", "TTS_" + "_".join(str(part) for part in err["loc"]).upper(), message)
+            else:  # a rule between settings
+                log.error("Invalid settings: %s", message)
         return None
 
 

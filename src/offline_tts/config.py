@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # Home Assistant (Wyoming protocol)
     wyoming_uri: str | None = Field(None, description="Also serve the Wyoming protocol (Home Assistant) here, e.g. "
                                                       "tcp://0.0.0.0:10200 (or unix:///path); unset = off")
+    wyoming_without_key: bool = Field(False, description="With TTS_API_KEY set, also serve Wyoming (which cannot carry "
+                                                         "a key) on a network address; without it only loopback or "
+                                                         "unix:// is allowed")
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -166,6 +169,22 @@ class Settings(BaseSettings):
             if url.scheme not in ("tcp", "unix"):
                 raise ValueError("use tcp://HOST:PORT (e.g. tcp://0.0.0.0:10200) or unix:///PATH")
         return v
+
+    @model_validator(mode="after")
+    def _wyoming_needs_no_key(self) -> Settings:
+        """Every protocol checks the API key when one is set; Wyoming has no way to send one, so with a key it
+        listens only where nobody else can reach it, unless the operator says otherwise knowingly."""
+        if self.api_key and self.wyoming_uri and not self.wyoming_without_key:
+            from urllib.parse import urlparse
+
+            url = urlparse(self.wyoming_uri)
+            if url.scheme == "tcp" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError(
+                    f"TTS_API_KEY is set, but the Wyoming protocol (TTS_WYOMING_URI={self.wyoming_uri}) cannot carry "
+                    "a key: anyone who reaches that address could use the service. Listen on loopback "
+                    "(tcp://127.0.0.1:10200) or a unix:// socket, or set TTS_WYOMING_WITHOUT_KEY=true to serve it "
+                    "without a key on purpose (e.g. on a trusted home network for Home Assistant)")
+        return self
 
     @field_validator("language", "language_fallback")
     @classmethod
