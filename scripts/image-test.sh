@@ -85,6 +85,9 @@ export BUILDAH_FORMAT=docker  # the OCI format drops HEALTHCHECK
 podman info --format '    storage {{.Store.GraphDriverName}} in {{.Store.GraphRoot}}, runtime {{.Host.OCIRuntime.Name}}' \
   || fail "podman does not work here"
 
+free_gb=$(df -P -BG "$STATE" | awk 'NR==2{print int($4)}')
+((free_gb >= 25)) || info "WARNING: ${free_gb} GB free in $STATE; a cold build needs about 25 GB (layers, the wheel cache, a commit's copy)"
+
 # Stop what this run started, whatever happens; keep base images and the build cache ($STATE).
 WORK=$(mktemp -d "$STATE/tmp/run.XXXXXX")
 SRC=$WORK/src

@@ -16,9 +16,13 @@ Faults: an exception while admitting or decoding one sentence fails that sentenc
 the batched prefill or step fails the sentences in it (their slots are freed) and the loop goes on.
 
 HiFi-GAN runs on this thread, between steps: one chunk's vocoding delays the others' next step by its
-duration (a few ms per chunk on the tiny model; chunks of different streams fall on different steps, as
-they join at different times). Moving it to another thread would only help where the two can run in
-parallel (a GPU with another CUDA stream): left for the GPU work of issue 10.
+duration. The thread's time is counted (`step_seconds`, `vocoder_seconds`, `stall_seconds`; /metrics
+and the bench's concurrency rows): with the full-size model on 2 CPU cores HiFi-GAN took 25-35% of it
+at 1-8 streams of 42 tokens. A vocoder thread (or another CUDA stream) is not tried yet: on 2 cores it
+could only win what two half-size thread pools gain over one; on a GPU it would overlap the steps.
+
+Memory: when the replica has been idle for IDLE_TRIM_SECONDS the KV cache is freed and glibc hands its
+free heap pages back (`release_free_memory`), so RSS returns to its after-load level between bursts.
 """
 
 from __future__ import annotations
