@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from offline_tts.engine.model_files import missing_model_files
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL_DIR = ROOT / ".cache" / "bench-models" / "full"
 SHARED_VOICES = ROOT.parent / "shared" / "voices"
-REQUIRED = ("config.json", "model.pth", "vocab.json", "speakers_xtts.pth")
 
 # One GPT audio token = 1024 samples at 22.05 kHz; random weights never emit STOP, so the number of
 # tokens (hence the audio length) of every request is fixed by the per-sentence cap.
@@ -40,7 +41,7 @@ NO_STOP_MARKER = "BENCH_NO_STOP.json"
 
 def ensure_model(path: Path = MODEL_DIR) -> Path:
     """The full-size random-weight checkpoint, built once (~20-60 s, 1.9 GB) and kept in .cache/."""
-    if not all((path / f).is_file() for f in REQUIRED):
+    if missing_model_files(path):
         log.info("Building the full-size random-weight model in %s (once)...", path)
         subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "full", "--force"], check=True)
     if not (path / NO_STOP_MARKER).is_file():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import BIN, ROOT, ServerProcess, make_clip, wait_for
+from offline_tts.engine.model_files import missing_model_files
 
-REQUIRED = ("config.json", "model.pth", "vocab.json", "speakers_xtts.pth")
 _REAL_MODEL_FIXTURES = {"tiny_model_dir", "tiny_checkpoint", "server", "start_server"}
 
 
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tiny_model_dir() -> Path:
     """`offline-tts random-model DIR --size tiny`, kept in .cache/ between runs (rebuilt if incomplete)."""
     path = Path(os.environ.get("TTS_TEST_MODEL_DIR", ROOT / ".cache" / "test-models" / "tiny"))
-    if not all((path / f).is_file() for f in REQUIRED):
+    if missing_model_files(path):
         subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "tiny"], check=True)
     return path
 

@@ -29,7 +29,8 @@ from offline_tts.engine.download import (
     ModelUnavailableError,
     ensure_model,
 )
-from offline_tts.engine.random_model import REQUIRED_FILES, missing_model_files, write_random_checkpoint
+from offline_tts.engine.model_files import REQUIRED_FILES, missing_model_files
+from offline_tts.engine.random_model import write_random_checkpoint
 
 
 @pytest.fixture(scope="session")

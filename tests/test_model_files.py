@@ -13,12 +13,8 @@ import pytest
 import torch
 
 from offline_tts.engine import random_model
-from offline_tts.engine.random_model import (
-    LANGUAGES,
-    REQUIRED_FILES,
-    missing_model_files,
-    write_random_checkpoint,
-)
+from offline_tts.engine.model_files import REQUIRED_FILES, missing_model_files
+from offline_tts.engine.random_model import LANGUAGES, write_random_checkpoint
 
 # Random weights never emit STOP: every generation is capped so tests stay short.
 MAX_NEW_TOKENS = 20

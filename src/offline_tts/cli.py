@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.log_level, settings.log_json)
     from .engine.download import ModelUnavailableError, check_model_dir_readable
-    from .engine.random_model import missing_model_files
+    from .engine.model_files import missing_model_files
 
     try:  # a folder of another user: a clear error naming it, not a PermissionError traceback
         check_model_dir_readable(settings.model_dir)

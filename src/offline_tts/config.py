@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .engine.download import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
+from .engine.model_files import DEFAULT_BASE_URL as DEFAULT_MODEL_URL
 
 
 def default_torch_threads() -> int:

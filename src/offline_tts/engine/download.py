@@ -30,13 +30,10 @@ import httpx
 from filelock import FileLock, Timeout
 
 from offline_tts.access import is_access_error, ownership_fix, service_user
-from offline_tts.engine.random_model import REQUIRED_FILES, missing_model_files
+from offline_tts.engine.model_files import DEFAULT_BASE_URL, HF_REPO, REQUIRED_FILES, REVISION, missing_model_files
 
 logger = logging.getLogger("offline_tts.download")
 
-HF_REPO = "coqui/XTTS-v2"
-REVISION = "6c2b0d75eae4b7047358e3b6bd9325f857d43f77"  # v2.0.3, the last XTTS-v2 release
-DEFAULT_BASE_URL = f"https://huggingface.co/{HF_REPO}/resolve/{REVISION}"
 LICENSE_URL = "https://coqui.ai/cpml"
 
 _CHUNK = 1 << 20

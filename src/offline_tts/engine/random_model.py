@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from .model_files import REQUIRED_FILES
+
 logger = logging.getLogger("offline_tts.random_model")
 
-REQUIRED_FILES = ("config.json", "model.pth", "vocab.json", "speakers_xtts.pth")
 # Written next to the required files so people (and the service) can tell this is not the real model.
 MARKER_FILE = "RANDOM_WEIGHTS.json"
 
@@ -120,12 +121,6 @@ Příliš žluťoučký kůň úpěl ďábelské ódy. Dobrý den, jak se máte?
 नमस्ते आप कैसे हैं
 ni3 hao3 shi4 jie4 zhong1 guo2 bei3 jing1 annyeonghaseyo gamsahamnida konnichiwa arigatou gozaimasu
 """
-
-
-def missing_model_files(model_dir: Path) -> list[str]:
-    """The REQUIRED_FILES that are not regular files in `model_dir` (all of them if it is absent)."""
-    model_dir = Path(model_dir)
-    return [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
 
 
 def write_random_checkpoint(out_dir: Path, size: Size = "tiny", seed: int = 0, *, overwrite: bool = False) -> Path:

@@ -26,7 +26,7 @@ from ..language import primary
 from ..text import split_sentences
 from .base import Conditioning, StreamPlan
 from .batching import sentence_prefix
-from .random_model import REQUIRED_FILES
+from .model_files import REQUIRED_FILES
 from .streaming import ChunkDecoder
 from .xtts_numbers import ALL, LONG, UNSAYABLE, spell_numbers
 
