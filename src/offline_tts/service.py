@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import audio
 from . import language as languages
 from . import telemetry
 from . import text as text_utils
@@ -30,6 +31,7 @@ from .defaults import Defaults, DefaultsStore
 from .engine.base import Conditioning, SpeechEngine, StreamPlan
 from .engine.pool import EnginePool, Place
 from .errors import (
+    InvalidAudio,
     InvalidText,
     ModelNotReady,
     NoVoice,
@@ -45,11 +47,12 @@ from .speech_session import SpeechSession
 from .stream_guard import REASONS, StreamGuard
 from .telemetry import ServiceFigures, Stats
 from .voice_cache import VoiceCache
-from .voices import Voice, VoiceStore
+from .voices import Voice, VoiceStore, naming_uploads
 
 log = logging.getLogger(__name__)
 
 OPENAI_VOICES = frozenset("alloy ash ballad cedar coral echo fable marin nova onyx sage shimmer verse".split())
+PROBE_MEMO_SIZE = 2048
 PAUSE_SECONDS = 0.25  # the audio of a text with nothing to speak
 
 EngineFactory = Callable[[], SpeechEngine]
@@ -108,6 +111,7 @@ class TTSService:
         self.load_seconds: float | None = None
         self.plan = StreamPlan(settings.stream_first_chunk_tokens, settings.stream_chunk_tokens,
                                settings.stream_max_chunk_tokens, settings.stream_context_tokens)
+        self._probes: dict[tuple[str, int, int], audio.AudioInfo | str] = {}  # `describe_voice`'s ffprobe results
         self.streams_dropped: Counter[str] = Counter({reason: 0 for reason in REASONS})  # by reason, for /metrics
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -442,6 +446,114 @@ class TTSService:
             queue_depth=pool.waiting if pool else 0, requests_in_progress=pool.admitted if pool else 0,
             queue_limit=self.settings.max_queue, streams_dropped=dict(self.streams_dropped),
             cache_hits=cache.hits, cache_disk_hits=cache.disk_hits, cache_misses=cache.misses)
+
+    # -- voices -----------------------------------------------------------------------------------
+    def describe_voice(self, voice: Voice) -> dict:
+        """name, files, duration_s (all clips), sample_rate and channels (of the first clip), cached, language
+        (its own; None: the default), and `error` when a clip or its settings cannot be read. Blocking (ffprobe)."""
+        root = self.voices.real_root
+        infos, errors = [], []
+        for path in voice.files:
+            info = self._probe(path)
+            (errors if isinstance(info, str) else infos).append(info)
+        first = infos[0] if infos else None
+        model_id = self.model_id
+        item = {
+            "name": voice.name,
+            "files": [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name for p in voice.files],
+            "duration_s": round(sum(i.duration_s for i in infos), 3) if infos else None,
+            "sample_rate": first.sample_rate if first else None,
+            "channels": first.channels if first else None,
+            "cached": bool(model_id) and self.cache.is_cached(voice, model_id),
+            "language": None,
+        }
+        try:
+            item["language"] = self.voice_language(voice) if self.ready else self.voices.language(voice)
+        except TTSError as exc:
+            errors.append(exc.message)
+        if errors:
+            item["error"] = "; ".join(errors)
+        return item
+
+    def describe_voices(self) -> list[dict]:
+        items = []
+        for voice in self.voices.list():
+            try:
+                items.append(self.describe_voice(voice))
+            except FileNotFoundError:  # deleted since the folder was listed: it is gone, not an error
+                continue
+        return items
+
+    def _probe(self, path: Path) -> audio.AudioInfo | str:
+        """ffprobe once per file version (path, size, mtime); an unreadable clip gives its error message."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._probes:
+            if len(self._probes) >= PROBE_MEMO_SIZE:
+                self._probes.clear()
+            try:
+                self._probes[key] = audio.probe(path)
+            except TTSError as exc:
+                self._probes[key] = exc.message
+        return self._probes[key]
+
+    async def add_voice(self, name: str, uploads: list[tuple[str, Path]], staging: Path, replace: bool,
+                        language: str | None = None) -> Voice:
+        """Store uploaded clips (`uploads`: (the client's file name, its staged path)) as voice `name`: checked
+        (decodable, long enough, not too long), conditioned, then moved into place; `language` is its own.
+        Any refusal on the way (a silent clip, the name taken meanwhile, a full disk...) leaves nothing, in
+        the voices directory or the cache; a replaced voice's cache entries go too (unless another voice
+        uses them). The caller holds a place in the line (conditioning uses the model)."""
+        language = language.strip() if language else None
+        if language:  # the voice's own language: requests without one speak it ("auto": detect)
+            language = self.check_language(language)
+        store, cache, settings = self.voices, self.cache, self.settings
+        store.check_new(name, replace)
+        self.require_pool()  # conditioning needs the model: refuse before the slow checks
+
+        def check_all() -> list[Path]:
+            return [store.check_clip_file(path, label, settings.min_clip_seconds, settings.max_clip_seconds)
+                    for label, path in uploads]
+
+        clips = await asyncio.to_thread(check_all)
+        staged = Voice(name, tuple(clips), is_folder=len(clips) > 1)
+        digests = await asyncio.to_thread(cache.clip_digests, staged)
+        try:
+            try:
+                await self.conditioning(staged)
+            except InvalidAudio as exc:
+                raise naming_uploads(exc, [(label, clip) for (label, _), clip in zip(uploads, clips)]) from None
+            old = await asyncio.to_thread(store.list, name) if replace else []
+            old_digests = [await asyncio.to_thread(self._digests_if_present, v) for v in old if v.name == name]
+            voice = await asyncio.to_thread(store.commit, name, clips, staging, replace)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(cache.release, digests))  # even when the client went away
+            raise
+        for previous in old_digests:
+            if previous is not None:
+                await asyncio.to_thread(cache.release, previous)
+        if language:
+            await asyncio.to_thread(store.save_language, name, language)
+        log.info("Voice %r stored (%d clip(s))%s", name, len(clips), " replacing the old one" if old_digests else "")
+        return voice
+
+    def _digests_if_present(self, voice: Voice) -> list[str] | None:
+        try:
+            return self.cache.clip_digests(voice)
+        except VoiceNotFound:  # deleted meanwhile: nothing of it to release later
+            return None
+
+    async def delete_voice(self, name: str) -> Voice:
+        """Remove a voice: its clips, its settings, its cache entries; clears the default voice if it was it."""
+        voice = self.voices.resolve(name)
+        digests = await asyncio.to_thread(self.cache.clip_digests, voice)  # hashes the clips: before they are gone
+        removed = await asyncio.to_thread(self.voices.delete, name)
+        # After the clips are gone: a conditioning of this voice still running sees them gone and cleans up
+        # itself, or wrote its entries before this releases them (latents and decoded clips).
+        await asyncio.to_thread(self.cache.release, digests)
+        self.clear_default_voice_if(removed)
+        log.info("Voice %r deleted", removed.name)
+        return removed
 
     # -- defaults ---------------------------------------------------------------------------------
     async def set_defaults(self, voice: str | None = None, language: str | None = None,

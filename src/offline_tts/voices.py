@@ -94,6 +94,14 @@ class Voice:
     is_folder: bool = False
 
 
+def naming_uploads(exc: InvalidAudio, uploads: list[tuple[str, Path]]) -> InvalidAudio:
+    """The error names the uploaded files (their names as the client sent them), not their staged copies."""
+    for label, path in uploads:
+        exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
+    exc.param = "files"
+    return exc
+
+
 class VoiceStore:
     def __init__(self, root: Path):
         self.root = root
@@ -314,10 +322,8 @@ class VoiceStore:
             audio.write_wav_atomic(wav, decoded, rate)
             path.unlink()
             return wav
-        except InvalidAudio as exc:  # name the upload, not the staged file
-            exc.message = exc.message.replace(f"'{path.name}'", f"'{label}'")
-            exc.param = "files"
-            raise
+        except InvalidAudio as exc:
+            raise naming_uploads(exc, [(label, path)]) from None
 
     def commit(self, name: str, clips: list[Path], staging: Path, replace: bool) -> Voice:
         """Move staged, checked clips into place as voice `name` (a file for one clip, a folder for
