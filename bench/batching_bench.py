@@ -1,7 +1,7 @@
 """`python -m bench.batching_bench MODEL_DIR [--threads N] [--batches 1,2,4,8]`: cost of the batched GPT.
 
 Measures, in one process on one model (greedy, CPU unless --device):
-- today's per-token cost: the time between two latents of `XttsEngine._latents` (prefill excluded);
+- today's per-token cost: the time between two latents of `XttsEngine.latents` (prefill excluded);
 - `BatchedGpt.step()` time at each batch size (all slots decoding), and the aggregate tokens/s;
 - the prefill cost of one join, whole and per piece (what a running stream stalls for when a sequence joins).
 A dev tool, not a test: it asserts nothing.
@@ -35,7 +35,7 @@ def per_token_today(engine: XttsEngine, conditioning, tokens: int) -> float:
     gaps = []
     for run in range(2):
         stamps = []
-        for _ in engine._latents(TEXT, "en", conditioning, None):
+        for _ in engine.latents(TEXT, "en", conditioning, None):
             stamps.append(time.perf_counter())
             if len(stamps) > tokens:
                 break
@@ -86,7 +86,7 @@ def check(engine: XttsEngine, tokens: int) -> float:
             got[slot].append(emitted.latent)
     worst = 0.0
     for slot, (text, conditioning) in zip(slots, texts, strict=True):
-        for mine, today in zip(got[slot], engine._latents(text, "en", conditioning, None), strict=False):
+        for mine, today in zip(got[slot], engine.latents(text, "en", conditioning, None), strict=False):
             worst = max(worst, float((mine - today).abs().max()))
     return worst
 

@@ -3,7 +3,7 @@ streaming ("before"), stream-plan and CPU-mode variants.
 
 The engine is built exactly as the service builds it (`offline_tts.app.xtts_factory`), with greedy
 decoding so that every run of the same text yields the same tokens. Timings of the GPT and of HiFi-GAN
-are taken by wrapping the engine's own two halves (`_latents`, `_decoder`), so the streaming code under
+are taken by wrapping the engine's own two halves (`latents`, `decoder`), so the streaming code under
 test is the service's own.
 """
 
@@ -77,7 +77,7 @@ class Trace:
 def instrumented(engine, trace: Trace, replay: Trace | None = None) -> Iterator[Trace]:
     """Time the engine's GPT steps and HiFi-GAN calls; with `replay`, yield recorded latents instead of
     running the GPT (their recorded step times go to `trace.token_s`)."""
-    real_latents, real_decoder = engine._latents, engine._decoder
+    real_latents, real_decoder = engine.latents, engine.decoder
 
     def latents(*args, **kwargs):
         if replay is not None:
@@ -112,11 +112,11 @@ def instrumented(engine, trace: Trace, replay: Trace | None = None) -> Iterator[
 
         return (to_grid, timed_vocode, *rest)
 
-    engine._latents, engine._decoder = latents, decoder
+    engine.latents, engine.decoder = latents, decoder
     try:
         yield trace
     finally:
-        del engine._latents, engine._decoder  # back to the class's methods
+        del engine.latents, engine.decoder  # back to the class's methods
 
 
 class EngineBench:
@@ -226,7 +226,7 @@ class EngineBench:
 
     def one_shot_decode(self, trace: Trace) -> tuple[float, np.ndarray]:
         """HiFi-GAN over all latents at once (what a batch request does): seconds, audio."""
-        to_grid, vocode, *_ = self.engine._decoder(self.conditioning, 1.0)
+        to_grid, vocode, *_ = self.engine.decoder(self.conditioning, 1.0)
         with torch.inference_mode():
             timer = Timer()
             audio = vocode(to_grid(torch.stack([latent.reshape(-1) for latent in trace.latents])[None]))
@@ -282,7 +282,7 @@ class EngineBench:
         """One-shot HiFi-GAN time for `lengths` tokens of latents (the recorded ones, tiled: cost does not
         depend on the values). The inputs of the estimate of coqui's streaming cost at long lengths."""
         recorded = torch.stack([latent.reshape(-1) for latent in trace.latents])
-        to_grid, vocode, *_ = self.engine._decoder(self.conditioning, 1.0)
+        to_grid, vocode, *_ = self.engine.decoder(self.conditioning, 1.0)
         costs = {}
         with torch.inference_mode():
             for n in lengths:
@@ -316,9 +316,9 @@ class EngineBench:
         engine.max_audio_tokens = tokens
         trace = Trace()
         with grad_mode(), instrumented(engine, trace):
-            for _ in engine._latents(text_for_tokens(tokens), LANGUAGE, self.conditioning, None):
+            for _ in engine.latents(text_for_tokens(tokens), LANGUAGE, self.conditioning, None):
                 pass
-            to_grid, vocode, *_ = engine._decoder(self.conditioning, 1.0)
+            to_grid, vocode, *_ = engine.decoder(self.conditioning, 1.0)
             timer = Timer()
             audio = vocode(to_grid(torch.stack([latent.reshape(-1) for latent in trace.latents])[None]))
             hifigan_s = timer()

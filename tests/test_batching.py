@@ -1,4 +1,4 @@
-"""The batched GPT decoder (engine/batching.py) against the existing one-sentence path (`XttsEngine._latents`).
+"""The batched GPT decoder (engine/batching.py) against the existing one-sentence path (`XttsEngine.latents`).
 
 Every sequence in a batch (its own voice, text, language, length, join step and generator) must produce
 the tokens and latents it produces when run alone today; leaving (cap, cancel) must not disturb the others.
@@ -64,7 +64,7 @@ def references(engine, voices) -> list[tuple[list[int], list[torch.Tensor]]]:
 
 @contextmanager
 def recorded_tokens(engine: XttsEngine):
-    """Tee the tokens of coqui's generator while `_latents` consumes it (it only passes the latents on)."""
+    """Tee the tokens of coqui's generator while `latents` consumes it (it only passes the latents on)."""
     tokens: list[int] = []
     gpt = engine.model.gpt
     original = gpt.get_generator
@@ -84,7 +84,7 @@ def recorded_tokens(engine: XttsEngine):
 def alone(engine: XttsEngine, text: str, language: str, conditioning) -> tuple[list[int], list[torch.Tensor]]:
     """Tokens and latents of one sentence on today's path."""
     with recorded_tokens(engine) as tokens:
-        latents = list(engine._latents(text, language, conditioning, None))
+        latents = list(engine.latents(text, language, conditioning, None))
     assert len(tokens) == len(latents) > 0
     return tokens, latents
 
@@ -335,7 +335,7 @@ def test_batched_latents_stream_the_same_audio(engine, voices):
     jobs = [Job(text, lang, voices[v], join_at=i * 4) for i, (text, lang, v) in enumerate(SENTENCES[:3])]
     run(engine, BatchedGpt.for_engine(engine, max_batch=3), jobs)
     for job, speed in zip(jobs, (1.0, 1.3, 0.85), strict=True):
-        to_grid, vocode, columns_per_frame, hop = engine._decoder(job.conditioning, speed)
+        to_grid, vocode, columns_per_frame, hop = engine.decoder(job.conditioning, speed)
         decoder = ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=plan.context_tokens)
         boundaries = plan.boundaries()
         next_flush, chunks = next(boundaries), []

@@ -47,7 +47,7 @@ class SpeechEngine(Protocol):
     sample_rate: int  # of the audio produced
     conditioning_sample_rate: int  # of the clips given to compute_conditioning
     audio_tokens_per_second: float  # what the model generates per second of audio (OpenAI's `usage`)
-    batched: bool  # True: runs on the batching Scheduler (gpt_prefix, token_cap, _decoder); False: one
+    batched: bool  # True: runs on the batching Scheduler (gpt_prefix, token_cap, decoder); False: one
     # sentence at a time through `stream` / `synthesize` (engine/sequential.py)
     languages: tuple[str, ...]
 

@@ -18,7 +18,7 @@ come from a small fixed set: on CUDA each (n, L) bucket can later be captured as
 The GPT-2 blocks are run by hand over the HuggingFace modules (ln_1, c_attn, c_proj, ln_2, mlp, ln_f):
 that gives full control of the cache writes and masks, and still works with the int8 GPT of
 `quantize.py`, which swaps those modules. Outputs equal coqui's streaming generator (the path
-`XttsEngine._latents` takes today): the same latents (the final-norm hidden state that HiFi-GAN
+`XttsEngine.latents` takes today): the same latents (the final-norm hidden state that HiFi-GAN
 consumes) and, with the same seed, the same tokens.
 
 Joining costs a prefill of the sentence's conditioning + text prefix (~100-450 tokens). It runs in
@@ -75,7 +75,7 @@ class Emitted(NamedTuple):
     """One audio token of one sequence, and the latent frame HiFi-GAN turns into its audio."""
 
     token: int
-    latent: torch.Tensor  # [1, model_dim] float32, what `XttsEngine._latents` yields
+    latent: torch.Tensor  # [1, model_dim] float32, what `XttsEngine.latents` yields
     finished: str | None  # STOP, CAP or None; a finished sequence has already left its slot
 
 

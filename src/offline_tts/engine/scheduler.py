@@ -239,7 +239,7 @@ class Scheduler(ReplicaThread):
         return self.gpt.admit(prefix, self.sampling, engine.token_cap(job.text), generator)
 
     def _decoder(self, job: SentenceJob) -> ChunkDecoder:
-        to_grid, vocode, columns_per_frame, hop = self.engine._decoder(job.conditioning, job.speed)
+        to_grid, vocode, columns_per_frame, hop = self.engine.decoder(job.conditioning, job.speed)
         context = job.plan.context_tokens if job.plan else 0
         return ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=context)
 

@@ -1,9 +1,13 @@
 """XTTS-v2 engine: loading, voice conditioning and sentence synthesis with coqui-tts.
 
 One `XttsEngine` wraps one model replica. The service runs it through a scheduler (engine/scheduler.py)
-that batches the sentences of concurrent requests with `gpt_prefix`, `token_cap` and `_decoder`.
+that batches the sentences of concurrent requests with `gpt_prefix`, `token_cap` and `decoder`.
 `stream`/`synthesize` are the one-sentence reference path (warm-up-free tests, benches): the XTTS model
 keeps per-call state (`gpt_inference.cached_prefix_emb`), so they hold the replica's lock.
+
+The engine's two halves are public on purpose: `latents` (the GPT, one latent per audio token) and `decoder`
+(HiFi-GAN, split into grid + vocode). They are the seams that benchmarks and tests wrap to time or replay
+each half (bench/engine_bench.py `instrumented`), instead of patching private methods.
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ class XttsEngine:
         (engine/batching.py; the scheduler admits it into a slot). Raises InvalidText for a sentence too long."""
         return sentence_prefix(self, text, language, conditioning)
 
-    def _latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
+    def latents(self, text: str, language: str, conditioning: Conditioning, cancel: threading.Event | None) -> Iterator[torch.Tensor]:
         """GPT audio latents of one sentence, one frame at a time (caller holds the lock)."""
         ids = self.text_ids(text, language)
         tokens = torch.IntTensor(ids).unsqueeze(0).to(self.device)
@@ -291,7 +295,7 @@ class XttsEngine:
         return dict(repetition_penalty=self.sampling["repetition_penalty"], do_sample=False,
                     logits_processor=LogitsProcessorList([sampler]))
 
-    def _decoder(self, conditioning: Conditioning, speed: float):
+    def decoder(self, conditioning: Conditioning, speed: float):
         """Split XTTS's HiFi-GAN decoder in two: latents -> interpolated grid, and grid slice -> audio."""
         speaker = conditioning.data["speaker_embedding"].to(self.device)
         hifigan = self.model.hifigan_decoder
@@ -309,7 +313,7 @@ class XttsEngine:
             return z
 
         def vocode(grid: torch.Tensor) -> np.ndarray:
-            # fp32 always: in `stream` this runs while `_latents` (a suspended generator) still holds the
+            # fp32 always: in `stream` this runs while `latents` (a suspended generator) still holds the
             # GPT's fp16 autocast region open on CUDA; batch decodes after it closed.
             with torch.autocast(grid.device.type, enabled=False):
                 return hifigan.waveform_decoder(grid.float(), g=speaker).squeeze().float().cpu().numpy()
@@ -323,12 +327,12 @@ class XttsEngine:
     def stream(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
                plan: StreamPlan | None = None, cancel: threading.Event | None = None) -> Iterator[np.ndarray]:
         plan = plan or StreamPlan()
-        to_grid, vocode, columns_per_frame, hop = self._decoder(conditioning, speed)
+        to_grid, vocode, columns_per_frame, hop = self.decoder(conditioning, speed)
         decoder = ChunkDecoder(to_grid, vocode, columns_per_frame, hop, context_frames=plan.context_tokens)
         with self._lock:
             boundaries = plan.boundaries()
             next_flush = next(boundaries)
-            for latent in self._latents(text, language, conditioning, cancel):
+            for latent in self.latents(text, language, conditioning, cancel):
                 decoder.add(latent)
                 if decoder.frames >= next_flush:
                     next_flush = next(boundaries)
@@ -344,9 +348,9 @@ class XttsEngine:
     @torch.inference_mode()
     def synthesize(self, text: str, language: str, conditioning: Conditioning, *, speed: float = 1.0,
                    cancel: threading.Event | None = None) -> np.ndarray:
-        to_grid, vocode, _, _ = self._decoder(conditioning, speed)
+        to_grid, vocode, _, _ = self.decoder(conditioning, speed)
         with self._lock:
-            latents = list(self._latents(text, language, conditioning, cancel))
+            latents = list(self.latents(text, language, conditioning, cancel))
             if not latents:
                 return np.zeros(0, dtype=np.float32)
             return vocode(to_grid(torch.stack([latent.reshape(-1) for latent in latents])[None]))
