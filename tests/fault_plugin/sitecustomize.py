@@ -197,8 +197,8 @@ def _patch_vanish() -> None:
                 else:
                     target.unlink(missing_ok=True)
 
-    def list_(self):
-        found = original_list(self)
+    def list_(self, *args, **kwargs):
+        found = original_list(self, *args, **kwargs)
         for voice in found:
             vanish(voice)
         return found
