@@ -207,6 +207,6 @@ export IMAGE_TEST_BUILD_ARGS="${BUILD_ARGS[*]}" IMAGE_TEST_COMPOSE="${COMPOSE[*]
 "$VENV_PY" "$ROOT/scripts/image_flow.py"
 
 step "Summary"
-info "cold build ${cold_s} s (a cold build only on the first run in $STATE), rebuild after a source change ${warm_s} s"
+info "build ${cold_s} s ($deps_cached steps from the cache: 0 on a first, cold run), rebuild after a source change ${warm_s} s"
 info "image $(awk -v s="$size" 'BEGIN{printf "%.2f GB", s/1e9}'); $breakdown"
 info "podman storage in $STATE: $(du -sh "$STATE/storage" 2>/dev/null | cut -f1) (kept for the next run; make image-test-clean)"
