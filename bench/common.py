@@ -133,15 +133,5 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def pct(values: list[float], q: float) -> float | None:
-    """Percentile with linear interpolation (q in 0..100); None for no values."""
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if 0 < q < 100 else (
-        min(values) if q <= 0 else max(values))
-
-
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None

@@ -16,6 +16,7 @@ import httpx
 import psutil
 
 from offline_tts.audio import wav_header
+from tests.helpers import free_port, percentile
 
 from .common import (
     BIN,
@@ -25,20 +26,11 @@ from .common import (
     log,
     median,
     multi_sentence_text,
-    pct,
     text_for_tokens,
 )
 
 HEADER_BYTES = len(wav_header(24_000))
 BYTES_PER_SECOND = 24_000 * 2  # PCM16 mono at 24 kHz
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -216,9 +208,9 @@ def concurrency(server: Server, voice: str, clients: int, requests_each: int, to
     audio = sum(r.audio_s for r in ok)
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "error_samples": sorted({f"{r.status} {r.error}" for r in results if not r.ok})[:3],
-            "ttfa_p50_s": round(pct(ttfas, 50), 3) if ttfas else None,
-            "ttfa_p95_s": round(pct(ttfas, 95), 3) if ttfas else None,
-            "stream_rtf_p50": round(pct([r.total_s / r.audio_s for r in ok if r.audio_s], 50), 3) if ok else None,
+            "ttfa_p50_s": round(percentile(ttfas, 50), 3) if ttfas else None,
+            "ttfa_p95_s": round(percentile(ttfas, 95), 3) if ttfas else None,
+            "stream_rtf_p50": round(percentile([r.total_s / r.audio_s for r in ok if r.audio_s], 50), 3) if ok else None,
             "wall_s": round(wall, 2), "audio_s": round(audio, 2), "replica": spent,
             "throughput_audio_s_per_s": round(audio / wall, 3)}
 

@@ -17,8 +17,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from pathlib import Path
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import free_port, make_clip, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -59,18 +59,6 @@ class Run:
 
 
 # -- the server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_clip(path: Path, seconds: float, freq: int) -> None:
-    src = (f"aevalsrc='0.3*sin(2*PI*{freq}*t+3*sin(2*PI*5*t))*(0.6+0.4*sin(2*PI*3*t))"
-           f"+0.02*(random(0)-0.5)':s=44100:d={seconds}")
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", src, str(path)], check=True)
-
-
 def ensure_model(model_dir: Path) -> None:
     if not (model_dir / "model.pth").is_file():
         print(f"Building the tiny random-weight model in {model_dir} ...", flush=True)
@@ -179,14 +167,6 @@ async def drive(args: argparse.Namespace, url: str, pid: int, openai: bool) -> t
 
 
 # -- the report -----------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def server_figures(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     out: dict[str, float] = defaultdict(float)

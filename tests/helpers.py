@@ -121,7 +121,11 @@ def cache_counts(target) -> dict[str, float]:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0 < q < 100) of at least two values, inclusive method (for bench/ reports)."""
+    """The q-th percentile (0..100), inclusive method with linear interpolation; nan for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1 or q <= 0 or q >= 100:
+        return values[0] if len(values) == 1 else (min(values) if q <= 0 else max(values))
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
