@@ -111,6 +111,8 @@ class VoiceStore:
                 "The voices directory %s is not writable by the service, which runs as %s: %s. Uploads and "
                 "deletes through the API are disabled (503 voices_not_writable) until it is; the clips in it "
                 "can still be used. %s", root.absolute(), service_user(), problem, ownership_fix(root.absolute(), write=True))
+        with contextlib.suppress(OSError):  # made now, so it is part of the folder before any upload
+            (root / LOCK_FILE).touch(exist_ok=True)
         self._remove_leftovers()
 
     @contextlib.contextmanager
