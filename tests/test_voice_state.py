@@ -236,6 +236,7 @@ def test_no_room_for_the_staging_folder_is_a_507(tmp_path, monkeypatch):
     from offline_tts.voices import VoiceStore
 
     store = VoiceStore(tmp_path)
+    before = sorted(tmp_path.iterdir())  # the replicas' lock file only
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -243,7 +244,7 @@ def test_no_room_for_the_staging_folder_is_a_507(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", full)
     with pytest.raises(InsufficientStorage), store.staging():
         pass
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == before == [tmp_path / ".voices.lock"]
 
 
 # -- 13: errors do not reveal server paths -------------------------------------------------------------
