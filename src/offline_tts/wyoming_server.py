@@ -41,8 +41,7 @@ from wyoming.server import AsyncEventHandler, AsyncServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 from . import __version__, audio, metrics, telemetry
-from .api.middleware import access_log
-from .api.middleware import _value as log_value
+from .api.middleware import access_log, log_value
 from .errors import InvalidText, TextTooLong, TTSError
 from .service import TTSService
 from .speech_session import SentenceDone, SentenceFailed, SentenceStarted, SpeechSession

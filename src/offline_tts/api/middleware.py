@@ -55,7 +55,7 @@ def printable(text: str | None, limit: int = 300) -> str | None:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _value(value: object) -> str:
+def log_value(value: object) -> str:
     """key=value text: values with spaces, quotes or '=' are JSON-quoted, so a line parses one way only."""
     text = str(value)
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ' "=') or not text else text
@@ -194,7 +194,7 @@ class RequestContextMiddleware:
             "client": client[0] if client else None,
             **record.extra,
         }
-        message = "request " + " ".join(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
+        message = "request " + " ".join(f"{k}={log_value(v)}" for k, v in fields.items() if v is not None)
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
         access_log.log(level, message, extra=fields)
 
