@@ -51,16 +51,17 @@ class Plan:
     restart: bool  # restart the server for the voice cache's "first use after a restart"
     sweep: bool
     concurrency_before: bool  # also run the concurrency rows on a server with one slot (TTS_MAX_BATCH=1: no batching)
+    concurrency_inline: bool  # also run them with HiFi-GAN on the replica's thread (TTS_VOCODER_THREAD=false)
 
 
 FULL = Plan(short_tokens=216, long_tokens=600, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=3,
             ttfa_sentences=10, concurrency_clients=(1, 2, 4, 8), concurrency_requests=1, concurrency_tokens=42,
             memory_requests=100, cpu_tokens=24, cpu_rounds=2, cpu_no_grad=True, restart=True, sweep=True,
-            concurrency_before=True)
+            concurrency_before=True, concurrency_inline=True)
 QUICK = Plan(short_tokens=108, long_tokens=None, measure_before_long=False, ttfa_tokens=390, ttfa_repeats=2,
              ttfa_sentences=10, concurrency_clients=(1, 4), concurrency_requests=1, concurrency_tokens=42,
              memory_requests=20, cpu_tokens=8, cpu_rounds=1, cpu_no_grad=False, restart=False, sweep=False,
-             concurrency_before=False)
+             concurrency_before=False, concurrency_inline=True)
 MAX_TOKENS = 600  # per sentence on the server: the text's length sets each request's token count below it
 
 
@@ -158,14 +159,21 @@ def run_http(settings, voices, workdir: Path, plan: Plan) -> dict:
             cache["repeat_after_restart_ms"] = h.set_default_voice(server, voices.mp3)
             out["memory"]["rss_after_restart_mb"] = server.rss_mb()
             server.stop()
-        if plan.concurrency_before:
-            log.info("[http] before: the same clients on one slot (TTS_MAX_BATCH=1, no batching)...")
-            server = h.Server(workdir, {**env, "TTS_MAX_BATCH": "1", "TTS_MAX_QUEUE": "16"})
+        variants = {"concurrency_before": ("one slot (TTS_MAX_BATCH=1, no batching)",
+                                           {"TTS_MAX_BATCH": "1", "TTS_MAX_QUEUE": "16"}, plan.concurrency_before),
+                    "concurrency_inline": ("HiFi-GAN on the replica's thread (TTS_VOCODER_THREAD=false)",
+                                           {"TTS_VOCODER_THREAD": "false"}, plan.concurrency_inline)}
+        for key, (what, extra, wanted) in variants.items():
+            if not wanted:
+                continue
+            log.info("[http] the same clients with %s...", what)
+            server = h.Server(workdir, {**env, **extra})
             server.start()
             with server.client() as client:
                 h.stream(server, client, "Hola.", voices.speaker, first_audio_only=True)
-            out["concurrency_before"] = [h.concurrency(server, voices.speaker, clients, plan.concurrency_requests,
-                                                       plan.concurrency_tokens) for clients in plan.concurrency_clients]
+            out[key] = [h.concurrency(server, voices.speaker, clients, plan.concurrency_requests,
+                                      plan.concurrency_tokens) for clients in plan.concurrency_clients]
+            server.stop()
     finally:
         server.stop()
     return out
@@ -275,6 +283,7 @@ def build_table(results: dict, plan: Plan) -> str:
 
     conc = {c["clients"]: c for c in http.get("concurrency", [])}
     before_conc = {c["clients"]: c for c in http.get("concurrency_before", [])}
+    inline_conc = {c["clients"]: c for c in http.get("concurrency_inline", [])}
 
     def summary(c: dict | None) -> str:
         if not c:
@@ -293,7 +302,10 @@ def build_table(results: dict, plan: Plan) -> str:
     for n, c in conc.items():
         rows.append(Row(f"{n} client(s): throughput, TTFA p50 / p95, stream RTF p50, errors",
                         before=summary(before_conc.get(n)), after=summary(c)))
-        rows.append(Row("  replica thread (after)", after=split(c)))
+        rows.append(Row("  replica threads (after)", after=split(c)))
+        if n in inline_conc:
+            rows.append(Row("  same, HiFi-GAN on the replica's thread (TTS_VOCODER_THREAD=false)",
+                            after=summary(inline_conc[n])))
     if 1 in conc:
         one = conc[1]["throughput_audio_s_per_s"]
         for n, goal in ((4, 1.8), (8, 2.5)):
@@ -309,6 +321,10 @@ def build_table(results: dict, plan: Plan) -> str:
             b = ratio(before_conc.get(4, {}).get("ttfa_p95_s"), before_conc.get(1, {}).get("ttfa_p50_s"))
             rows.append(Row("4 clients: TTFA p95 / 1 client's TTFA", before=fmt(b, "", 2), after=fmt(r, "", 2),
                             goal="<= 2.5", verdict=verdict(r is not None and r <= 2.5)))
+        if 1 in inline_conc:
+            one = inline_conc[1]["throughput_audio_s_per_s"]
+            ratios = [f"{n}: {fmt(ratio(c['throughput_audio_s_per_s'], one), '', 2)}" for n, c in inline_conc.items() if n > 1]
+            rows.append(Row("  HiFi-GAN on the replica's thread: throughput / 1 client's", after=", ".join(ratios)))
     sections.append((f"goal 4: concurrency (1 worker, {plan.concurrency_tokens} tokens per request; "
                      "before = the same server with TTS_MAX_BATCH=1)", rows))
 

@@ -6,6 +6,8 @@ the tokens and latents it produces when run alone today; leaving (cap, cancel) m
 
 from __future__ import annotations
 
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,3 +353,128 @@ def test_batched_latents_stream_the_same_audio(engine, voices):
         assert len(batched) == len(today) and np.abs(today).max() > 1e-3
         noise = np.sum((today.astype(np.float64) - batched) ** 2)
         assert noise == 0 or 10 * np.log10(np.sum(today.astype(np.float64) ** 2) / noise) > 60
+
+
+def scheduled(scheduler, jobs: list[tuple[str, str, object]], plan: StreamPlan | None) -> list[list]:
+    """Submit sentences to a running Scheduler at once; each one's delivered items, in order, once all ended."""
+    from offline_tts.engine.replica import DONE, SentenceJob
+
+    items: list[list] = [[] for _ in jobs]
+    ended = [threading.Event() for _ in jobs]
+
+    def deliver_to(i):
+        def deliver(item):
+            items[i].append(item)
+            if item is DONE or isinstance(item, BaseException):
+                ended[i].set()
+        return deliver
+
+    for i, (text, language, conditioning) in enumerate(jobs):
+        scheduler.submit(SentenceJob(text, language, conditioning, deliver_to(i), plan=plan))
+    for event in ended:
+        assert event.wait(120), "a sentence never ended"
+    return items
+
+
+@pytest.mark.parametrize("plan", [StreamPlan(first_chunk_tokens=4, chunk_tokens=8, max_chunk_tokens=16), None])
+def test_vocoder_thread_gives_the_scheduler_s_own_audio(engine, voices, plan):
+    """HiFi-GAN on its own thread: the same chunks, in the same order, as when it runs on the scheduler's thread."""
+    from offline_tts.engine.replica import DONE
+    from offline_tts.engine.scheduler import Scheduler
+
+    jobs = [(text, lang, voices[v]) for text, lang, v in SENTENCES]
+    results = {}
+    for threaded in (False, True):
+        scheduler = Scheduler(engine, 4, vocoder_thread=threaded)
+        try:
+            results[threaded] = scheduled(scheduler, jobs, plan)
+        finally:
+            scheduler.close()
+        assert scheduler.vocoder_seconds > 0
+    for inline, threaded in zip(results[False], results[True], strict=True):
+        assert inline[-1] is DONE and threaded[-1] is DONE
+        assert [len(c) for c in inline[:-1]] == [len(c) for c in threaded[:-1]]
+        assert len(inline) > (3 if plan else 1)
+        for a, b in zip(inline[:-1], threaded[:-1], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_vocoder_thread_failure_fails_that_sentence_only(engine, voices, monkeypatch):
+    """An error while vocoding one sentence (on the vocoder thread) fails it alone: the others end normally,
+    its slot is freed, and the scheduler serves the next sentences."""
+    from offline_tts.engine import scheduler as scheduler_module
+    from offline_tts.engine.replica import DONE
+
+    original = scheduler_module._Sequence.vocode
+
+    def vocode(self, latents, final):
+        if self.job.text.startswith("Hello") and self.decoder.frames >= 8:
+            raise RuntimeError("simulated vocoder failure")
+        return original(self, latents, final)
+
+    monkeypatch.setattr(scheduler_module._Sequence, "vocode", vocode)
+    plan = StreamPlan(first_chunk_tokens=4, chunk_tokens=8, max_chunk_tokens=16)
+    scheduler = scheduler_module.Scheduler(engine, 4, vocoder_thread=True)
+    try:
+        items = scheduled(scheduler, [(text, lang, voices[v]) for text, lang, v in SENTENCES], plan)
+        failed = [i for i, got in enumerate(items) if isinstance(got[-1], BaseException)]
+        assert failed == [1] and "simulated vocoder failure" in str(items[1][-1])
+        assert all(got[-1] is DONE for i, got in enumerate(items) if i != 1)
+        deadline = time.monotonic() + 10
+        while scheduler.busy_slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.busy_slots == 0, "the failed sentence kept its slot"
+        again = scheduled(scheduler, [SENTENCES[0][:2] + (voices[0],)], plan)
+        assert again[0][-1] is DONE and len(again[0]) > 2
+    finally:
+        scheduler.close()
+
+
+def test_joiners_wait_in_pieces_only_while_a_stream_is_playing(engine, voices, monkeypatch):
+    """A sentence that joins while another stream has audio out is prefilled at most `prefill_tokens` per turn
+    (that stream keeps getting steps); sentences that all start together are prefilled whole at once."""
+    from offline_tts.engine.scheduler import Scheduler
+
+    plan = StreamPlan(first_chunk_tokens=2, chunk_tokens=4, max_chunk_tokens=8)
+    scheduler = Scheduler(engine, 4, prefill_tokens=8)  # HiFi-GAN inline: its callbacks run between steps
+    budgets: list[tuple[int, bool]] = []
+    original = scheduler.gpt.prefill_some
+
+    def prefill_some(max_tokens):
+        budgets.append((max_tokens, scheduler._playing()))
+        return original(max_tokens)
+
+    monkeypatch.setattr(scheduler.gpt, "prefill_some", prefill_some)
+    try:
+        together = [(text, lang, voices[v]) for text, lang, v in SENTENCES[:3]]
+        scheduled(scheduler, together, plan)
+        assert budgets and all(budget > 8 and not playing for budget, playing in budgets), budgets
+        budgets.clear()
+        # One stream plays; a second sentence joins the moment its first chunk is out (from its callback).
+        from offline_tts.engine.replica import DONE, SentenceJob
+
+        ended = [threading.Event(), threading.Event()]
+        late_items: list = []
+
+        def late(item):
+            late_items.append(item)
+            if item is DONE or isinstance(item, BaseException):
+                ended[1].set()
+
+        def playing(item):
+            if isinstance(item, np.ndarray) and not late_items and not ended[1].is_set() and len(budgets) == 1:
+                text, lang, v = SENTENCES[0]
+                scheduler.submit(SentenceJob(text, lang, voices[v], late, plan=plan))
+                budgets.append((0, True))  # marks the join (only once)
+            elif item is DONE or isinstance(item, BaseException):
+                ended[0].set()
+
+        text, lang, v = SENTENCES[2]
+        scheduler.submit(SentenceJob(text, lang, voices[v], playing, plan=plan))
+        assert ended[0].wait(60) and ended[1].wait(60)
+        assert late_items[-1] is DONE
+        del budgets[1]  # the mark
+        pieces = [budget for budget, playing in budgets if playing]
+        assert len(pieces) >= 2 and set(pieces) == {8}, budgets  # the joiner's prefix took several turns
+    finally:
+        scheduler.close()

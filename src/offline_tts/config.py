@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     half: bool = Field(True, description="Half precision (fp16) for the GPT on CUDA")
     cuda_graphs: bool = Field(True, description="CUDA only: replay the batched GPT decode step from CUDA graphs "
                                                 "(fewer kernel launches per step; not yet measured on a GPU)")
+    vocoder_thread: bool = Field(True, description="Run HiFi-GAN on a thread of its own per replica, overlapping the "
+                                 "GPT steps (false: on the replica's thread, between steps)")
     cpu_int8: bool = Field(False, description="CPU only: dynamic int8 GPT (about 3x faster per token here; quality unverified without the real weights)")
     temperature: float = Field(0.75, gt=0, description="Sampling temperature of the GPT (XTTS default)")
     top_k: int = Field(50, ge=1, description="Top-k sampling (XTTS default)")

@@ -139,7 +139,8 @@ class TTSService:
                 log.info("Loading model replica %d/%d from %s", i + 1, self.settings.workers, self.settings.model_dir)
                 engines.append(await asyncio.to_thread(self.engine_factory))
             self.pool = EnginePool(engines, self.settings.max_queue, self.max_batch(engines[0].device),
-                                   cuda_graphs=self.settings.cuda_graphs)
+                                   cuda_graphs=self.settings.cuda_graphs,
+                                   vocoder_thread=self.settings.vocoder_thread)
             await self._warm_up()
         except Exception as exc:
             self.state, self.error = "failed", without_paths(f"{type(exc).__name__}: {exc}")

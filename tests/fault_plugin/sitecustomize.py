@@ -61,13 +61,13 @@ def _patch_engine() -> None:
         return original_prefix(self, text, language, conditioning)
 
     def take(self, latent):
-        if os.environ.get("FAULT_TEXT") and "faultlate" in self.job.text.lower() and self.decoder.frames >= 10:
+        if os.environ.get("FAULT_TEXT") and "faultlate" in self.job.text.lower() and self.frames >= 10:
             raise RuntimeError("simulated failure in the middle of generation")
         return original_take(self, latent)
 
     def _step(self):
         # The batched step itself fails (every sentence in it) while a sentence with the marker decodes.
-        if os.environ.get("FAULT_TEXT") and any("faultstep" in seq.job.text.lower() and seq.decoder.frames >= 3
+        if os.environ.get("FAULT_TEXT") and any("faultstep" in seq.job.text.lower() and seq.frames >= 3
                                                 for seq in self._active.values()):
             raise RuntimeError("simulated failure in the batched step")
         return original_step(self)

@@ -38,13 +38,14 @@ E = TypeVar("E")
 T = TypeVar("T")
 
 
-def replica(engine, max_batch: int, name: str, cuda_graphs: bool = False) -> Scheduler | SequentialRunner:
+def replica(engine, max_batch: int, name: str, cuda_graphs: bool = False,
+            vocoder_thread: bool = False) -> Scheduler | SequentialRunner:
     """The thread that runs one engine replica: the batching scheduler when the engine supports it."""
     if not engine.batched:
         return SequentialRunner(engine, name=name)
     from .scheduler import Scheduler  # torch: imported only for an engine that uses it
 
-    return Scheduler(engine, max_batch, name=name, cuda_graphs=cuda_graphs)
+    return Scheduler(engine, max_batch, name=name, cuda_graphs=cuda_graphs, vocoder_thread=vocoder_thread)
 
 
 class Place:
@@ -66,13 +67,15 @@ class Place:
 
 
 class EnginePool(Generic[E]):
-    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1, *, cuda_graphs: bool = False):
+    def __init__(self, engines: list[E], max_queue: int, max_batch: int = 1, *, cuda_graphs: bool = False,
+                 vocoder_thread: bool = False):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = engines
         self.max_queue = max_queue
         self.max_batch = max_batch
-        self.schedulers = [replica(engine, max_batch, f"replica-{i}", cuda_graphs) for i, engine in enumerate(engines)]
+        self.schedulers = [replica(engine, max_batch, f"replica-{i}", cuda_graphs, vocoder_thread)
+                           for i, engine in enumerate(engines)]
         self.admitted = 0  # requests in the house (running or waiting)
 
     @property

@@ -34,6 +34,7 @@ class ReplicaThread:
     """One thread that owns one engine replica: sentences queue here, functions (`call`) run between them."""
 
     max_batch = 1
+    vocoder_seconds = 0.0  # HiFi-GAN time counted apart from the steps (the batching scheduler's)
 
     def __init__(self, engine, name: str):
         self.engine = engine
@@ -43,9 +44,9 @@ class ReplicaThread:
         self._closed = False
         self.steps = 0  # decode steps run (a whole sentence per step when not batched)
         self.rows = 0  # sentences decoded in them, all steps together (rows / steps: the mean batch)
-        # Where the thread's time goes (seconds, summed): decode steps, HiFi-GAN, and join stalls (prefills
-        # that running streams waited for); `stall_max`: the longest such stall.
-        self.step_seconds = self.vocoder_seconds = self.stall_seconds = self.stall_max = 0.0
+        # Where the thread's time goes (seconds, summed): decode steps and join stalls (prefills that running
+        # streams waited for); `stall_max`: the longest such stall. (HiFi-GAN: `vocoder_seconds`.)
+        self.step_seconds = self.stall_seconds = self.stall_max = 0.0
         self._thread = threading.Thread(target=self._run, name=f"tts-{name}", daemon=True)
 
     def start(self) -> None:
