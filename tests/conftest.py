@@ -12,6 +12,7 @@ import pytest
 
 from helpers import BIN, ROOT, ServerProcess, make_clip, wait_for
 from offline_tts.engine.model_files import missing_model_files
+from offline_tts.fileio import file_lock
 
 _REAL_MODEL_FIXTURES = {"tiny_model_dir", "tiny_checkpoint", "server", "start_server"}
 
@@ -30,8 +31,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tiny_model_dir() -> Path:
     """`offline-tts random-model DIR --size tiny`, kept in .cache/ between runs (rebuilt if incomplete)."""
     path = Path(os.environ.get("TTS_TEST_MODEL_DIR", ROOT / ".cache" / "test-models" / "tiny"))
+    with file_lock(path.parent / f".{path.name}.lock"):  # parallel test workers build it once
+        if missing_model_files(path):
+            subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "tiny"], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random checkpoint written in-process with seed 0, in the session's temporary folder
+    (test_model_files.py and test_download.py). Read-only."""
+    from offline_tts.engine.random_model import write_random_checkpoint
+
+    path = tmp_path_factory.getbasetemp() / "tiny-xtts-checkpoint"
     if missing_model_files(path):
-        subprocess.run([str(BIN / "offline-tts"), "random-model", str(path), "--size", "tiny"], check=True)
+        write_random_checkpoint(path, "tiny", seed=0, overwrite=True)
     return path
 
 

@@ -30,16 +30,6 @@ from offline_tts.engine.download import (
     ensure_model,
 )
 from offline_tts.engine.model_files import REQUIRED_FILES, missing_model_files
-from offline_tts.engine.random_model import write_random_checkpoint
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Same directory as test_model_files.py's fixture, so the session builds it once. Read-only."""
-    path = tmp_path_factory.getbasetemp() / "tiny-xtts-checkpoint"
-    if missing_model_files(path):
-        write_random_checkpoint(path, "tiny", seed=0, overwrite=True)
-    return path
 
 
 @dataclass

@@ -21,15 +21,6 @@ MAX_NEW_TOKENS = 20
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny checkpoint per session (test_download.py reuses the same directory). Read-only."""
-    path = tmp_path_factory.getbasetemp() / "tiny-xtts-checkpoint"
-    if missing_model_files(path):
-        write_random_checkpoint(path, "tiny", seed=0, overwrite=True)
-    return path
-
-
-@pytest.fixture(scope="session")
 def reference_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ref") / "ref6s.wav"
     subprocess.run(
