@@ -38,8 +38,9 @@ setup: system-deps $(UV)  ## install everything needed to run the service
 run: setup  ## set up, then start the service (settings: TTS_* variables or .env)
 	$(VENV)/bin/offline-tts serve
 
-test: setup browser-deps test-deps  ## set up, then run the whole test suite
-	$(VENV)/bin/python -m pytest
+TEST_WORKERS ?= auto
+test: setup browser-deps test-deps  ## set up, then run the whole test suite (TEST_WORKERS parallel workers: one per core)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup  ## benchmark on the full-size random-weight model (about 10 min; --quick: BENCH_ARGS=--quick)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)

@@ -100,27 +100,33 @@ def test_root_answers_fast_during_a_long_synthesis(long_server: ServerProcess) -
         finally:
             first_audio.set()
 
-    thread = threading.Thread(target=listen, daemon=True)
-    thread.start()
-    assert first_audio.wait(120)
-    timings = []
-    with httpx.Client(base_url=long_server.url, timeout=10) as c:
+    def probe_root(c: httpx.Client) -> list[float]:
+        timings = []
         for _ in range(10):
             time.sleep(0.1)
             started = time.perf_counter()
             r = c.get("/")
             timings.append(time.perf_counter() - started)
             assert r.status_code == 200
+        return sorted(timings)
+
+    with httpx.Client(base_url=long_server.url, timeout=10) as c:
+        idle = probe_root(c)  # the same probes with nothing running: this machine's own latency, now
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        assert first_audio.wait(120)
+        busy = probe_root(c)
     still_running = thread.is_alive()
     stop.set()
     thread.join(60)
     assert not errors, errors
     assert still_running, "the synthesis ended before the probes: nothing was measured"
-    timings.sort()
-    # GET / within 100 ms while a long synthesis runs; one probe may be unlucky with the OS scheduler.
-    assert statistics.median(timings) < 0.1, timings
-    assert timings[-2] < 0.1, timings
-    assert timings[-1] < 1.0, timings
+    # The event loop is never blocked by the synthesis (a blocked loop answers after the sentence, seconds
+    # later): probes take about what they take idle. Compared with the idle probes of this same moment,
+    # so a busy machine (parallel test workers) slows both; one probe may be unlucky with the OS scheduler.
+    allowed = max(0.05, 5 * statistics.median(idle))
+    assert statistics.median(busy) < allowed, (busy, idle)
+    assert busy[-2] < 2 * allowed, (busy, idle)
 
 
 def test_parallel_requests_all_succeed(server: ServerProcess) -> None:
