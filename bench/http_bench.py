@@ -5,8 +5,6 @@ Time to first audio is taken at the first byte *after* the WAV header (the heade
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,10 +14,9 @@ import httpx
 import psutil
 
 from offline_tts.audio import wav_header
-from tests.helpers import free_port, percentile
+from tests.helpers import ServerProcess, percentile
 
 from .common import (
-    BIN,
     LANGUAGE,
     TOKENS_PER_SECOND,
     Timer,
@@ -33,55 +30,30 @@ HEADER_BYTES = len(wav_header(24_000))
 BYTES_PER_SECOND = 24_000 * 2  # PCM16 mono at 24 kHz
 
 
-class Server:
-    """The service in a subprocess, with its own voices/cache directories under `workdir`."""
+class Server(ServerProcess):
+    """The tests' server process (tests/helpers.py) with the bench's settings: the caller's whole environment
+    (model, voices, cache, tokens), quiet logs, a count of the synthesis requests sent, its RSS."""
 
     def __init__(self, workdir: Path, env: dict[str, str]):
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(workdir, Path(env["TTS_MODEL_DIR"]), {"TTS_LOG_LEVEL": "warning", **env})
         self.log_path = workdir / "server.log"
-        self.env = {**os.environ, "TTS_HOST": "127.0.0.1", "TTS_PORT": str(self.port), "TTS_DOWNLOAD": "false",
-                    "TTS_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1", **env}
-        self.proc: subprocess.Popen | None = None
         self.requests = 0  # synthesis requests sent to this process
 
     def start(self, timeout: float = 900) -> float:
         """Start and wait until the model is loaded and warmed up; returns the seconds that took."""
         timer = Timer()
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([str(BIN / "offline-tts"), "serve"], cwd=self.workdir, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        super().start(timeout=timeout)
         self.requests = 0
-        while timer() < timeout:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
-            try:
-                if httpx.get(self.url + "/", timeout=5).json().get("model") == "ready":
-                    return timer()
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready after {timeout} s; see {self.log_path}")
+        return timer()
 
     def rss_mb(self) -> float:
         return round(psutil.Process(self.proc.pid).memory_info().rss / 2**20, 1)
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self._log.close()
-        self.proc = None
+    def stop(self, timeout: float = 60) -> int | None:
+        return super().stop(timeout)
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=httpx.Timeout(900, connect=10))
+    def client(self, **kwargs) -> httpx.Client:
+        return super().client(timeout=httpx.Timeout(900, connect=10), **kwargs)
 
 
 @dataclass

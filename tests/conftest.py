@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one torch thread each (set before torch is imported), else their
+    # OpenMP threads wait on each other. The servers they start already use one (TTS_TORCH_THREADS=1).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from helpers import BIN, ROOT, ServerProcess, make_clip, wait_for
 from offline_tts.engine.model_files import missing_model_files
 from offline_tts.fileio import file_lock

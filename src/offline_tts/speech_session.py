@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -38,8 +38,24 @@ from .text import SentenceSplitter, normalize
 from .voices import Voice
 
 if TYPE_CHECKING:
-    from .engine.pool import Place
-    from .service import TTSService
+    from .engine.base import SpeechEngine
+    from .engine.pool import EnginePool, Place
+
+
+class SessionService(Protocol):
+    """What a session uses of the service (`TTSService`, which opens it): named here so that this module does
+    not import the service back."""
+
+    @property
+    def engine(self) -> SpeechEngine: ...
+
+    @property
+    def languages(self) -> tuple[str, ...]: ...
+
+    def require_pool(self) -> EnginePool: ...
+
+    def speak_pieces(self, pieces: list[str], language: str, conditioning: Conditioning, speed: float,
+                     cancel: threading.Event) -> AsyncIterator[np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,7 @@ class _Sentence:
 
 
 class SpeechSession:
-    def __init__(self, service: TTSService, voice: Voice, conditioning: Conditioning, language: str,
+    def __init__(self, service: SessionService, voice: Voice, conditioning: Conditioning, language: str,
                  detect: bool, speed: float, clause_chars: int = 0):
         self.service = service
         self.voice = voice
