@@ -42,7 +42,7 @@ TEST_WORKERS ?= auto
 test: setup browser-deps test-deps  ## set up, then run the whole test suite (TEST_WORKERS parallel workers: one per core)
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-bench: setup  ## benchmark on the full-size random-weight model (about 10 min; --quick: BENCH_ARGS=--quick)
+bench: setup  ## benchmark on the full-size random-weight model (about 16 min; --quick: BENCH_ARGS=--quick)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 bench-ws: setup  ## WebSocket first audio vs /api/tts/stream TTFA, and cancel (full-size random model; WS_BENCH_ARGS)

@@ -33,7 +33,7 @@ from .report import Row, fmt, render, verdict
 
 @dataclass(frozen=True)
 class Plan:
-    """How much each part measures (full: ~10 min on 2 CPU cores; quick: under 3)."""
+    """How much each part measures (full: ~16 min on 2 CPU cores; quick: ~5)."""
 
     short_tokens: int  # "about 10 s" of audio (one sentence)
     long_tokens: int | None  # "about 30 s" (one sentence: the model's 600-token maximum is 27.9 s)
@@ -368,7 +368,7 @@ def build_table(results: dict, plan: Plan) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter audio and fewer requests (under 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter audio and fewer requests (about 5 minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bench.json", help="JSON output file")
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="full-size random model (built here if missing)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: TTS_DEVICE or auto")
